@@ -1,0 +1,86 @@
+//! `cargo xtask test [SUITE...]`: the test suites, named by concern.
+//!
+//! A suite is one cargo test target. Suites that need the kernel or the control plane
+//! live in the `tollgate-tests` package (`tests/tests/<suite>.rs`) and run as root; the
+//! `unit` suite is every crate's own unit tests.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::setup::run_checked;
+
+pub struct Suite {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Arguments after `cargo test`.
+    cargo_args: &'static [&'static str],
+    /// Arguments for the test harness (after `--`).
+    harness_args: &'static [&'static str],
+}
+
+/// Every suite, in the order `cargo xtask test` runs them.
+pub const SUITES: &[Suite] = &[
+    Suite {
+        name: "unit",
+        about: "unit tests of every crate (pure logic, no kernel, no cluster)",
+        cargo_args: &["--workspace", "--lib", "--bins"],
+        harness_args: &[],
+    },
+    Suite {
+        name: "datapath",
+        about: "eBPF redirect on the real kernel, in a namespace topology the test builds (root)",
+        cargo_args: &[
+            "--package",
+            "tollgate-tests",
+            "--test",
+            "topology",
+            "--test",
+            "datapath",
+        ],
+        harness_args: &["--test-threads=1"],
+    },
+];
+
+pub fn list() {
+    for suite in SUITES {
+        println!("{:<10} {}", suite.name, suite.about);
+    }
+}
+
+pub fn run(names: &[String]) -> Result<()> {
+    let selected: Vec<&Suite> = if names.is_empty() {
+        SUITES.iter().collect()
+    } else {
+        let mut selected = Vec::new();
+        for name in names {
+            match SUITES.iter().find(|s| s.name == name) {
+                Some(suite) => selected.push(suite),
+                None => bail!(
+                    "unknown suite {name:?}; known suites: {}",
+                    SUITES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+        selected
+    };
+    for suite in selected {
+        let started = Instant::now();
+        println!("test: suite {} — {}", suite.name, suite.about);
+        run_checked(
+            Command::new(env!("CARGO"))
+                .current_dir(crate::workspace_root())
+                .arg("test")
+                .args(suite.cargo_args)
+                .arg("--")
+                .args(suite.harness_args),
+        )?;
+        println!(
+            "test: suite {} passed in {:.1}s",
+            suite.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
