@@ -4,6 +4,7 @@
 //! namespaces that the harness creates here, and none of them has a route out of the
 //! machine. eBPF programs attach to a cgroup subtree made here, never the machine's root.
 
+pub mod cluster;
 pub mod topology;
 
 /// Fails (never skips) when not root: kernel tests must run, and CI runs as root.

@@ -1,0 +1,454 @@
+//! What cluster-backed tests use: the shared control plane, an admin client, namespaces
+//! that clean up after themselves, service accounts, RBAC, bound tokens and pods on the
+//! simulated nodes.
+//!
+//! Test code runs in the machine's root namespace, so every client here talks to the API
+//! server through the loopback forwarder (the admin kubeconfig's `https://127.0.0.1:…`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use k8s_openapi::api::authentication::v1::{
+    BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
+    TokenReviewStatus,
+};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, Namespace, Pod, PodSpec, ResourceRequirements, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+use super::controlplane::{self, Layout, NodeInfo};
+use crate::topology::{pod_cgroup_relpath, QosClass};
+
+/// The running control plane (started or reused once per test process).
+#[derive(Debug)]
+pub struct Cluster {
+    pub layout: Layout,
+}
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+
+impl Cluster {
+    /// Starts the control plane, or reuses the running one: the code path of
+    /// `cargo xtask cluster up`. Panics (failing the test) when it cannot.
+    pub fn shared() -> &'static Cluster {
+        SHARED.get_or_init(|| {
+            crate::require_root();
+            let layout = Layout::from_env();
+            match controlplane::up(&layout) {
+                Ok(report) => {
+                    eprintln!(
+                        "cluster: {} in {:.1}s",
+                        if report.reused { "reused" } else { "started" },
+                        report.elapsed.as_secs_f64()
+                    );
+                    Cluster { layout }
+                }
+                Err(err) => panic!("starting the test control plane: {err:#}"),
+            }
+        })
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.layout.admin_kubeconfig()
+    }
+
+    /// An admin (system:masters) client. Make one per test: a client belongs to the
+    /// tokio runtime it was made on.
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig())?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// `kubectl --kubeconfig <admin>`, ready for arguments.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs admin kubectl and returns its output, failing on a non-zero exit.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl().args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        controlplane::nodes()
+    }
+
+    /// A fresh namespace `<prefix>-<random>` with its `default` ServiceAccount (made
+    /// here: no controller-manager runs). Removed, with its pods, when dropped.
+    pub async fn namespace(&'static self, prefix: &str) -> Result<TestNamespace> {
+        let name = format!("{prefix}-{}", &crate::topology::random_hex(3));
+        let client = self.client().await?;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "tollgate.dev/test".to_owned(),
+                            "true".to_owned(),
+                        )])),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        let ns = TestNamespace {
+            name,
+            cluster: self,
+            client,
+        };
+        ns.service_account("default").await?;
+        Ok(ns)
+    }
+}
+
+/// Options for a pod on a simulated node.
+#[derive(Debug, Clone)]
+pub struct PodOptions {
+    pub name: String,
+    /// Node number (1-based): node 1 uses the systemd cgroup driver, node 2 cgroupfs.
+    pub node: u8,
+    /// The host command the container runs (spec.containers[0].command).
+    pub command: Vec<String>,
+    pub service_account: Option<String>,
+    pub qos: QosClass,
+    pub env: Vec<(String, String)>,
+}
+
+impl PodOptions {
+    pub fn new(name: &str, node: u8, command: &[&str]) -> PodOptions {
+        PodOptions {
+            name: name.to_owned(),
+            node,
+            command: command.iter().map(|s| s.to_string()).collect(),
+            service_account: None,
+            qos: QosClass::BestEffort,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A namespace a test owns.
+pub struct TestNamespace {
+    pub name: String,
+    pub cluster: &'static Cluster,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn service_account(&self, name: &str) -> Result<ServiceAccount> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.name);
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &sa).await {
+            Ok(sa) => Ok(sa),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get(name).await?),
+            Err(e) => Err(e).with_context(|| format!("creating service account {name}")),
+        }
+    }
+
+    /// A Role with `rules` bound to service account `sa` in this namespace.
+    pub async fn grant(&self, sa: &str, role: &str, rules: Vec<PolicyRule>) -> Result<()> {
+        let roles: Api<Role> = Api::namespaced(self.client.clone(), &self.name);
+        roles
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: ObjectMeta {
+                        name: Some(role.to_owned()),
+                        ..Default::default()
+                    },
+                    rules: Some(rules),
+                },
+            )
+            .await
+            .with_context(|| format!("creating role {role}"))?;
+        let bindings: Api<RoleBinding> = Api::namespaced(self.client.clone(), &self.name);
+        bindings
+            .create(
+                &PostParams::default(),
+                &RoleBinding {
+                    metadata: ObjectMeta {
+                        name: Some(format!("{role}-{sa}")),
+                        ..Default::default()
+                    },
+                    role_ref: RoleRef {
+                        api_group: "rbac.authorization.k8s.io".into(),
+                        kind: "Role".into(),
+                        name: role.into(),
+                    },
+                    subjects: Some(vec![Subject {
+                        kind: "ServiceAccount".into(),
+                        name: sa.into(),
+                        namespace: Some(self.name.clone()),
+                        ..Default::default()
+                    }]),
+                },
+            )
+            .await
+            .with_context(|| format!("binding role {role} to {sa}"))?;
+        Ok(())
+    }
+
+    /// A token for service account `sa` (TokenRequest), optionally bound to a pod.
+    pub async fn token(
+        &self,
+        sa: &str,
+        audiences: &[&str],
+        bound_pod: Option<&RunningPod>,
+    ) -> Result<String> {
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.name);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                expiration_seconds: Some(3600),
+                bound_object_ref: bound_pod.map(|p| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(p.name.clone()),
+                    uid: Some(p.uid.clone()),
+                }),
+            },
+            ..Default::default()
+        };
+        let response: TokenRequest = api
+            .create_subresource("token", sa, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("TokenRequest for {sa}"))?;
+        Ok(response.status.map(|s| s.token).unwrap_or_default())
+    }
+
+    /// Creates a pod bound to a simulated node and waits until it runs.
+    pub async fn run_pod(&self, opts: PodOptions) -> Result<RunningPod> {
+        let node = controlplane::nodes()
+            .into_iter()
+            .find(|n| n.index == opts.node)
+            .ok_or_else(|| anyhow!("no node {}", opts.node))?;
+        let resources = match opts.qos {
+            QosClass::BestEffort => None,
+            QosClass::Burstable => Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([("cpu".to_owned(), Quantity("50m".into()))])),
+                ..Default::default()
+            }),
+            QosClass::Guaranteed => {
+                let amounts = BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("100m".into())),
+                    ("memory".to_owned(), Quantity("64Mi".into())),
+                ]);
+                Some(ResourceRequirements {
+                    requests: Some(amounts.clone()),
+                    limits: Some(amounts),
+                    ..Default::default()
+                })
+            }
+        };
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(opts.name.clone()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.name.clone()),
+                service_account_name: opts.service_account.clone(),
+                restart_policy: Some("Never".into()),
+                termination_grace_period_seconds: Some(1),
+                containers: vec![Container {
+                    name: "main".into(),
+                    image: Some("tollgate.invalid/simulated:host".into()),
+                    command: Some(opts.command.clone()),
+                    env: Some(
+                        opts.env
+                            .iter()
+                            .map(|(k, v)| EnvVar {
+                                name: k.clone(),
+                                value: Some(v.clone()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    resources,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
+        let created = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating pod {}", opts.name))?;
+        let uid = created.metadata.uid.clone().unwrap_or_default();
+        let started = Instant::now();
+        loop {
+            let pod = pods.get(&opts.name).await?;
+            let status = pod.status.unwrap_or_default();
+            match status.phase.as_deref() {
+                Some("Running") => {
+                    return Ok(RunningPod {
+                        name: opts.name,
+                        namespace: self.name.clone(),
+                        uid,
+                        ip: status.pod_ip.unwrap_or_default(),
+                        node,
+                        qos: opts.qos,
+                    })
+                }
+                Some("Failed") | Some("Succeeded") => bail!(
+                    "pod {} ended before it was seen running: {:?} {:?}",
+                    opts.name,
+                    status.message,
+                    status.container_statuses
+                ),
+                _ => {}
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("pod {} not running after 60s: {:?}", opts.name, status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes a pod (as `kubectl delete` does) and waits until the object is gone.
+    pub async fn delete_pod(&self, name: &str) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
+        pods.delete(name, &Default::default()).await?;
+        let started = Instant::now();
+        loop {
+            match pods.get_opt(name).await? {
+                None => return Ok(()),
+                Some(_) if started.elapsed() > Duration::from_secs(60) => {
+                    bail!("pod {name} still exists 60s after delete")
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Reviews a token as the API server sees it (TokenReview).
+    pub async fn token_review(&self, token: &str) -> Result<TokenReviewStatus> {
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let review = api
+            .create(
+                &PostParams::default(),
+                &TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some(token.to_owned()),
+                        audiences: None,
+                    },
+                    ..Default::default()
+                },
+            )
+            .await?;
+        review.status.context("TokenReview without status")
+    }
+}
+
+impl Drop for TestNamespace {
+    /// Deletes the pods (waiting, so their sandboxes are gone) and then the namespace.
+    /// Without a controller-manager the namespace itself stays Terminating; that is
+    /// harmless, and nothing here waits for it.
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .kubectl()
+            .args(["delete", "pods", "--all", "-n", &self.name, "--timeout=60s"])
+            .stdout(Stdio::null())
+            .status();
+        let _ = self
+            .cluster
+            .kubectl()
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A pod running on a simulated node.
+#[derive(Debug, Clone)]
+pub struct RunningPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub ip: String,
+    pub node: NodeInfo,
+    pub qos: QosClass,
+}
+
+impl RunningPod {
+    /// The pod-level cgroup, as kubelet lays it out for the node's driver.
+    pub fn pod_cgroup(&self) -> Result<PathBuf> {
+        Ok(controlplane::cgroup_root()?.join(pod_cgroup_relpath(
+            self.node.driver,
+            self.qos,
+            &self.uid,
+        )))
+    }
+
+    /// The pod's network namespace name (`tgc-n<k>-p<n>-<pod>`), when it exists.
+    pub fn netns(&self) -> Option<String> {
+        let short: String = self.name.chars().take(30).collect();
+        let prefix = format!("{}-p", self.node.netns);
+        std::fs::read_dir("/run/netns")
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|n| n.starts_with(&prefix) && n.ends_with(&format!("-{short}")))
+    }
+
+    /// `kubectl exec` (admin kubeconfig) into the pod, with extra environment for
+    /// kubectl (e.g. `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`).
+    pub fn kubectl_exec(&self, cluster: &Cluster, env: &[(&str, &str)], cmd: &[&str]) -> Output {
+        let mut c = cluster.kubectl();
+        c.args(["exec", "-n", &self.namespace, &self.name, "--"])
+            .args(cmd);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("running kubectl")
+    }
+}
+
+/// Polls `check` every 100ms until it returns true or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}

@@ -1,0 +1,10 @@
+//! The test control plane and the harness every cluster-backed suite uses.
+//!
+//! [`controlplane`] starts or reuses etcd, kube-apiserver and the simulated kubelets
+//! (the code path of `cargo xtask cluster up`); [`harness`] is what tests call:
+//! [`harness::Cluster::shared`], namespaces, service accounts, RBAC, tokens, pods.
+
+pub mod controlplane;
+pub mod harness;
+
+pub use harness::{Cluster, PodOptions, RunningPod, TestNamespace};
