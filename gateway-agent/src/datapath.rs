@@ -30,10 +30,12 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader};
 use gateway_common::{
-    maps, programs, v4_mapped, CgroupClass, Config, FlowKey, Origin, TargetKey, CONFIG_HAS_ADDR4,
+    maps, programs, v4_mapped, Config, FlowKey, Origin, TargetKey, CONFIG_HAS_ADDR4,
     CONFIG_HAS_ADDR6,
 };
 use tracing::{debug, info};
+
+pub use gateway_common::CgroupClass;
 
 /// The compiled eBPF object (built by build.rs from `gateway-ebpf`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));

@@ -133,6 +133,18 @@ impl Netns {
         cmd
     }
 
+    /// A command that runs inside this namespace and inside `cgroup` (joined between fork
+    /// and exec, like [`PodSandbox::command`]): a host process on a node (`cgroup` from
+    /// [`Node::host_cgroup`]) or a hostNetwork pod (the node's namespace and a pod's
+    /// container cgroup).
+    pub fn command_in_cgroup(
+        &self,
+        cgroup: &Path,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
+        join_on_exec(Command::new(program), &self.path(), cgroup)
+    }
+
     /// Runs `f` on a thread that has entered this namespace, and returns its result.
     /// Sockets made there stay in this namespace wherever they are used afterwards, so
     /// this is how a test opens a listener "on the node".
@@ -780,4 +792,39 @@ pub fn random_uid() -> String {
         &s[16..20],
         &s[20..32]
     )
+}
+
+/// Makes `cmd` enter the network namespace at `netns` and the cgroup `cgroup` between
+/// fork and exec, so nothing the program does escapes either.
+fn join_on_exec(mut cmd: Command, netns: &Path, cgroup: &Path) -> Result<Command> {
+    let netns: OwnedFd = File::open(netns)
+        .with_context(|| format!("opening netns {}", netns.display()))?
+        .into();
+    let procs = CString::new(
+        cgroup
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )?;
+    // SAFETY: the closure runs between fork and exec; it only calls async-signal-safe
+    // functions (setns, open, write, close) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
 }
