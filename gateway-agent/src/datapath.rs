@@ -160,7 +160,7 @@ pub struct ConnOrigin {
 /// The loaded and attached data path: one owner for the programs, maps and links.
 pub struct Datapath {
     config: DatapathConfig,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     targets: HashMap<MapData, TargetKey, u8>,
     cgroups: HashMap<MapData, u64, u32>,
@@ -238,7 +238,7 @@ impl Datapath {
             targets: take_map(&mut ebpf, maps::TARGETS)?,
             cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
             flows: take_map(&mut ebpf, maps::FLOW_ORIGINS)?,
-            _ebpf: ebpf,
+            ebpf,
             _links: links,
         };
         let agent_cgroup = match &config.agent_cgroup {
@@ -369,6 +369,28 @@ impl Datapath {
         }
     }
 
+    /// Run counts and times of each program, accumulated by the kernel while statistics
+    /// are enabled (see [`enable_stats`]).
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        programs::ALL
+            .iter()
+            .map(|&name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(DatapathError::MissingProgram(name))?;
+                let info = program
+                    .info()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                Ok(ProgramStats {
+                    name,
+                    run_count: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
+    }
+
     /// [`Datapath::origin`] for an accepted stream.
     pub fn origin_of(&self, stream: &TcpStream) -> Result<Option<ConnOrigin>> {
         let local = stream
@@ -379,6 +401,35 @@ impl Datapath {
             .map_err(io_err("peer address of", Path::new("accepted stream")))?;
         self.origin(local, peer)
     }
+}
+
+/// How often a program ran and for how long in total.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time: std::time::Duration,
+}
+
+impl ProgramStats {
+    /// Mean time per run.
+    pub fn per_call(&self) -> std::time::Duration {
+        if self.run_count == 0 {
+            return std::time::Duration::ZERO;
+        }
+        let nanos = self.run_time.as_nanos() / u128::from(self.run_count);
+        std::time::Duration::from_nanos(nanos as u64)
+    }
+}
+
+/// Turns on the kernel's run-time statistics for every BPF program until the returned
+/// fd is dropped (BPF_ENABLE_STATS; no sysctl is changed).
+pub fn enable_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| DatapathError::Io {
+        what: "enabling BPF statistics",
+        path: PathBuf::from("BPF_ENABLE_STATS"),
+        source: e.io_error,
+    })
 }
 
 /// Loads, attaches and pins one program. The new link is pinned beside the old one and
