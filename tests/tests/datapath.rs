@@ -713,3 +713,97 @@ fn uninstall_removes_every_pin_and_link() {
     accept_within(&api, ACCEPT_TIMEOUT).expect("still redirected after uninstall");
     assert_accepted_nothing(&proxy, "the proxy");
 }
+
+/// Runs `tg-probe loop` in `pod` against `addr` for `count` connections while a thread
+/// accepts (and closes) them on `listener`; returns the probe's summary and how many
+/// connections the listener accepted.
+fn connect_loop(
+    pod: &PodSandbox,
+    addr: SocketAddr,
+    listener: &TcpListener,
+    count: u64,
+) -> (Value, u64) {
+    let stop = AtomicBool::new(false);
+    let accepted = AtomicU64::new(0);
+    let summary = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if accept_within(listener, Duration::from_millis(50)).is_some() {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let count = count.to_string();
+        let out = pod
+            .command(PROBE)
+            .unwrap()
+            .args(["loop", &addr.to_string(), "--max-count", &count])
+            .args(["--max-secs", "60", "--timeout-ms", "2000"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the probe loop");
+        let summary: Value = serde_json::from_slice(&out.stdout).expect("probe loop JSON");
+        let connected = summary["connected"].as_u64().unwrap_or(0);
+        let deadline = Instant::now() + ACCEPT_TIMEOUT;
+        while accepted.load(Ordering::Relaxed) < connected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        summary
+    });
+    (summary, accepted.load(Ordering::Relaxed))
+}
+
+/// The cost of the connect hook per call, from the kernel's own statistics (DESIGN §9):
+/// for a redirected connect and for one to an unrelated destination (the common case).
+#[test]
+fn connect_hook_cost_per_call() {
+    const N: u64 = 2000;
+    let mut f = Fixture::new();
+    let proxy = f.proxy_listener(false);
+    let other = f.api_listener(SocketAddr::from((API_SERVER_IP, 8080)));
+    let pod = f.pod(
+        1,
+        "bench",
+        CgroupDriver::Systemd,
+        QosClass::Burstable,
+        Some(CgroupClass::Enforced),
+    );
+    let _stats = datapath::enable_stats().expect("enabling BPF statistics");
+    let connect4 = |f: &mut Fixture| {
+        f.dp()
+            .program_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "tg_connect4")
+            .unwrap()
+    };
+    let mut per_call = Vec::new();
+    for (what, addr, listener) in [
+        ("redirected (API server)", cluster_ip(), &proxy),
+        (
+            "untouched (other destination)",
+            SocketAddr::from((API_SERVER_IP, 8080)),
+            &other,
+        ),
+    ] {
+        let before = connect4(&mut f);
+        let (summary, accepted) = connect_loop(&pod, addr, listener, N);
+        let after = connect4(&mut f);
+        assert_eq!(summary["connected"], N, "{what}: {summary}");
+        assert_eq!(accepted, N, "{what}: listener accepted {accepted} of {N}");
+        let calls = after.run_count - before.run_count;
+        assert!(
+            calls >= N,
+            "{what}: connect4 ran {calls} times for {N} connects"
+        );
+        let nanos = (after.run_time - before.run_time).as_nanos() / u128::from(calls);
+        eprintln!("connect4 {what}: {calls} calls, {nanos} ns per call");
+        per_call.push(nanos);
+    }
+    // A generous bound: the point is to catch a slow path (e.g. logging per call), not
+    // to benchmark on a loaded CI machine.
+    for nanos in per_call {
+        assert!(nanos < 20_000, "connect4 takes {nanos} ns per call");
+    }
+}
