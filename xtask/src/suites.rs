@@ -41,6 +41,12 @@ pub const SUITES: &[Suite] = &[
         ],
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "cluster",
+        about: "real kube-apiserver + etcd and simulated nodes: in-pod kubectl, RBAC, tokens, exec/logs/port-forward (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "cluster"],
+        harness_args: &["--test-threads=3"],
+    },
 ];
 
 pub fn list() {

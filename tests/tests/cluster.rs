@@ -1,0 +1,478 @@
+//! Suite `cluster`: the real control plane and the simulated nodes behave as a user of a
+//! real cluster expects. Runs as root (fails otherwise); starts or reuses the shared
+//! cluster (`cargo xtask cluster up`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use kube::Api;
+use tollgate_tests::cluster::harness::wait_until;
+use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod};
+use tollgate_tests::topology::{CgroupDriver, QosClass};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Waits until the pod's log (admin `kubectl logs`) satisfies `done`, and returns it.
+fn wait_for_log(
+    cluster: &Cluster,
+    pod: &RunningPod,
+    done: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let mut last = String::new();
+    let ok = wait_until("the pod's log", Duration::from_secs(60), || {
+        if let Ok(log) = cluster.kubectl_ok(&["logs", "-n", &pod.namespace, &pod.name]) {
+            last = log;
+        }
+        done(&last)
+    });
+    ok.with_context(|| format!("log so far:\n{last}"))?;
+    Ok(last)
+}
+
+fn read_rule(resource: &str, verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec![resource.to_owned()]),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// kubectl inside a pod, with no flags (in-cluster config: the service-account files and
+/// KUBERNETES_SERVICE_HOST/PORT), lists pods through the ClusterIP, and RBAC refuses what
+/// its service account may not do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_in_pod_uses_cluster_ip_and_rbac() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("incluster").await?;
+    ns.service_account("lister").await?;
+    ns.grant(
+        "lister",
+        "pod-reader",
+        vec![read_rule("pods", &["get", "list"])],
+    )
+    .await?;
+    let mut opts = PodOptions::new(
+        "kubectl-in-pod",
+        1,
+        &[
+            "sh",
+            "-c",
+            "kubectl get pods -o name -v=6 2>&1; echo \"pods-exit=$?\"; \
+             kubectl get secrets 2>&1; echo \"secrets-exit=$?\"; exec sleep 3600",
+        ],
+    );
+    opts.service_account = Some("lister".into());
+    let pod = ns.run_pod(opts).await?;
+    let log = wait_for_log(cluster, &pod, |l| l.contains("secrets-exit="))?;
+
+    // Listing pods worked, through the Service ClusterIP, in the pod's own namespace.
+    ensure!(
+        log.contains("pods-exit=0"),
+        "kubectl get pods failed:\n{log}"
+    );
+    ensure!(
+        log.contains("pod/kubectl-in-pod"),
+        "own pod not listed:\n{log}"
+    );
+    let url = format!("https://10.96.0.1:443/api/v1/namespaces/{}/pods", ns.name);
+    ensure!(
+        log.contains(&url) && log.contains("200 OK"),
+        "kubectl did not use the ClusterIP ({url}):\n{log}"
+    );
+    // Secrets are not granted: the API server refuses, naming the service account.
+    ensure!(
+        log.contains("secrets-exit=1"),
+        "secrets were not refused:\n{log}"
+    );
+    let refusal = format!(
+        "User \"system:serviceaccount:{}:lister\" cannot list resource \"secrets\"",
+        ns.name
+    );
+    ensure!(log.contains(&refusal), "no RBAC refusal in:\n{log}");
+    Ok(())
+}
+
+/// The pod's projected token is bound to the pod: TokenReview names the pod and its UID,
+/// and the in-pod files are what kubelet writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_review_of_pod_token_names_the_pod() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("tokenreview").await?;
+    ns.service_account("app").await?;
+    let mut opts = PodOptions::new("token-owner", 2, &["sleep", "3600"]);
+    opts.service_account = Some("app".into());
+    let pod = ns.run_pod(opts).await?;
+
+    let sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let token = pod.kubectl_exec(cluster, &[], &["cat", &format!("{sa_dir}/token")]);
+    ensure!(
+        token.status.success(),
+        "reading token: {}",
+        text(&token.stderr)
+    );
+    let token = text(&token.stdout);
+    let namespace = pod.kubectl_exec(cluster, &[], &["cat", &format!("{sa_dir}/namespace")]);
+    assert_eq!(text(&namespace.stdout), ns.name);
+    let ca = pod.kubectl_exec(cluster, &[], &["cat", &format!("{sa_dir}/ca.crt")]);
+    let cluster_ca = std::fs::read_to_string(cluster.layout.pki().join("ca.crt"))?;
+    assert_eq!(text(&ca.stdout), cluster_ca, "ca.crt is the cluster CA");
+
+    let status = ns.token_review(&token).await?;
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    let user = status.user.context("no user")?;
+    assert_eq!(
+        user.username.as_deref(),
+        Some(format!("system:serviceaccount:{}:app", ns.name).as_str())
+    );
+    let extra = user.extra.unwrap_or_default();
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/pod-name"),
+        Some(&vec![pod.name.clone()])
+    );
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/pod-uid"),
+        Some(&vec![pod.uid.clone()])
+    );
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/node-name"),
+        Some(&vec![pod.node.name.clone()])
+    );
+
+    // A TokenRequest from the harness, bound to the same pod, reviews the same way.
+    let minted = ns.token("app", &[], Some(&pod)).await?;
+    let status = ns.token_review(&minted).await?;
+    let extra = status.user.and_then(|u| u.extra).unwrap_or_default();
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/pod-uid"),
+        Some(&vec![pod.uid.clone()])
+    );
+    Ok(())
+}
+
+/// Service-account issuer discovery answers as in a real cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_and_discovery_answer() -> Result<()> {
+    let cluster = Cluster::shared();
+    let discovery: serde_json::Value = serde_json::from_str(&cluster.kubectl_ok(&[
+        "get",
+        "--raw",
+        "/.well-known/openid-configuration",
+    ])?)?;
+    assert_eq!(
+        discovery["issuer"],
+        "https://kubernetes.default.svc.cluster.local"
+    );
+    assert!(discovery["jwks_uri"]
+        .as_str()
+        .is_some_and(|u| u.ends_with("/openid/v1/jwks")));
+    let jwks: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl_ok(&["get", "--raw", "/openid/v1/jwks"])?)?;
+    let keys = jwks["keys"].as_array().context("no keys")?;
+    assert!(!keys.is_empty());
+    assert_eq!(keys[0]["kty"], "RSA");
+    assert_eq!(keys[0]["alg"], "RS256");
+    // readyz and the `kubernetes` Service/EndpointSlice as a real cluster has them.
+    assert_eq!(
+        cluster.kubectl_ok(&["get", "--raw", "/readyz"])?.trim(),
+        "ok"
+    );
+    let svc = cluster.kubectl_ok(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])?;
+    assert_eq!(svc, "10.96.0.1");
+    let endpoints = cluster.kubectl_ok(&[
+        "get",
+        "endpointslice",
+        "kubernetes",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.endpoints[*].addresses[*]}:{.ports[0].port}",
+    ])?;
+    assert_eq!(endpoints, "10.77.0.10:6443");
+    Ok(())
+}
+
+/// `kubectl exec` works over WebSocket (default) and SPDY, runs inside the pod's network
+/// namespace and cgroup, passes stdin, and returns the command's exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_websocket_and_spdy() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("exec").await?;
+    let pod = ns
+        .run_pod(PodOptions::new("exec-target", 1, &["sleep", "3600"]))
+        .await?;
+    let cgroup = pod.pod_cgroup()?;
+    let cgroup_rel = cgroup
+        .strip_prefix(tollgate_tests::topology::cgroup2_mount()?)?
+        .display()
+        .to_string();
+    for (transport, env) in [
+        ("websocket", vec![]),
+        ("spdy", vec![("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")]),
+    ] {
+        let out = pod.kubectl_exec(
+            cluster,
+            &env,
+            &[
+                "sh",
+                "-c",
+                "ip -4 -o addr show dev eth0; cat /proc/self/cgroup",
+            ],
+        );
+        let stdout = text(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "{transport}: exec failed: {}",
+            text(&out.stderr)
+        );
+        ensure!(
+            stdout.contains(&format!("inet {}/32", pod.ip)),
+            "{transport}: not in the pod's network namespace:\n{stdout}"
+        );
+        ensure!(
+            stdout.contains(&format!("0::/{cgroup_rel}/")),
+            "{transport}: not in the pod's cgroup {cgroup_rel}:\n{stdout}"
+        );
+
+        let failing = pod.kubectl_exec(cluster, &env, &["sh", "-c", "echo to-stderr >&2; exit 3"]);
+        assert_eq!(failing.status.code(), Some(3), "{transport}: exit code");
+        ensure!(text(&failing.stderr).contains("to-stderr"));
+
+        let mut child = cluster
+            .kubectl()
+            .envs(env.iter().copied())
+            .args(["exec", "-i", "-n", &ns.name, &pod.name, "--", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(format!("hello over {transport}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert_eq!(text(&out.stdout), format!("hello over {transport}\n"));
+    }
+    Ok(())
+}
+
+/// `kubectl logs -f` streams lines as the container writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_new_lines() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("logs").await?;
+    let pod = ns
+        .run_pod(PodOptions::new(
+            "ticker",
+            2,
+            &[
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 600 ]; do echo tick-$i; i=$((i+1)); sleep 0.1; done",
+            ],
+        ))
+        .await?;
+    let mut child = cluster
+        .kubectl()
+        .args(["logs", "-f", "-n", &ns.name, &pod.name])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first line read fixes a starting point; following must deliver later lines
+    // that did not exist when the request was made.
+    let first = rx.recv_timeout(Duration::from_secs(30))?;
+    let first_n: u32 = first.trim_start_matches("tick-").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last_n = first_n;
+    while last_n < first_n + 20 {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        let n: u32 = line.trim_start_matches("tick-").parse()?;
+        ensure!(n == last_n + 1, "lines out of order: {last_n} then {n}");
+        last_n = n;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
+
+/// `kubectl port-forward` reaches a server listening on the pod's loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_reaches_pod_loopback() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("portfwd").await?;
+    let dir = std::env::temp_dir().join(format!(
+        "tg-portfwd-{}",
+        tollgate_tests::topology::random_hex(4)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let marker = format!(
+        "served-from-pod-{}",
+        tollgate_tests::topology::random_hex(4)
+    );
+    std::fs::write(dir.join("hello.txt"), &marker)?;
+    let dir_str = dir.display().to_string();
+    let pod = ns
+        .run_pod(PodOptions::new(
+            "web",
+            1,
+            &[
+                "/usr/bin/python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                &dir_str,
+            ],
+        ))
+        .await?;
+    let result = (|| -> Result<()> {
+        let mut child = cluster
+            .kubectl()
+            .args(["port-forward", "-n", &ns.name, &format!("pod/{}", pod.name)])
+            .args(["--address", "127.0.0.1", ":8080"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        // Keep draining: kubectl prints a line per connection and dies on a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        // "Forwarding from 127.0.0.1:PORT -> 8080"
+        let port: u16 = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no local port in {line:?}"))?;
+        let mut body = String::new();
+        let fetched = wait_until(
+            "an answer through port-forward",
+            Duration::from_secs(30),
+            || {
+                let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return false;
+                };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                if conn
+                    .write_all(b"GET /hello.txt HTTP/1.0\r\nHost: pod\r\n\r\n")
+                    .is_err()
+                {
+                    return false;
+                }
+                body.clear();
+                let _ = conn.read_to_string(&mut body);
+                body.contains(&marker)
+            },
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        fetched.with_context(|| format!("last answer: {body:?}"))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(pod);
+    result
+}
+
+/// Each QoS class on each cgroup driver: the pod's process runs in kubelet's cgroup for
+/// it, its status is what kubelet reports, and deleting the pod removes the process, the
+/// network namespace and the cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_sandbox_for_each_driver_and_qos() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("sandbox").await?;
+    let pods_api: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let mut seen_drivers = Vec::new();
+    for node in [1u8, 2] {
+        for qos in QosClass::ALL {
+            let name = format!("sb-n{node}-{}", format!("{qos:?}").to_lowercase());
+            let mut opts = PodOptions::new(&name, node, &["sleep", "3600"]);
+            opts.qos = qos;
+            let pod = ns.run_pod(opts).await?;
+            seen_drivers.push(pod.node.driver);
+
+            // Status as kubelet reports it.
+            let status = pods_api.get(&name).await?.status.unwrap_or_default();
+            assert_eq!(
+                status.qos_class.as_deref(),
+                Some(format!("{qos:?}").as_str())
+            );
+            assert_eq!(
+                status.host_ip.as_deref(),
+                Some(pod.node.ip.to_string().as_str())
+            );
+            assert!(pod.ip.starts_with(&format!("10.244.{node}.")), "{}", pod.ip);
+            let ready = status
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            assert!(ready, "pod {name} not Ready");
+
+            // The process lives in the container cgroup below the pod cgroup.
+            let pod_cgroup = pod.pod_cgroup()?;
+            ensure!(
+                pod_cgroup.is_dir(),
+                "no pod cgroup {}",
+                pod_cgroup.display()
+            );
+            let container = std::fs::read_dir(&pod_cgroup)?
+                .filter_map(|e| e.ok())
+                .find(|e| e.path().is_dir())
+                .context("no container cgroup")?
+                .path();
+            let expected_prefix = match pod.node.driver {
+                CgroupDriver::Systemd => "cri-containerd-",
+                CgroupDriver::Cgroupfs => "",
+            };
+            ensure!(container
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(expected_prefix)));
+            let pids = std::fs::read_to_string(container.join("cgroup.procs"))?;
+            let pid: i32 = pids
+                .lines()
+                .next()
+                .context("no process in the container cgroup")?
+                .parse()?;
+            let netns = pod.netns().context("no pod network namespace")?;
+
+            ns.delete_pod(&name).await?;
+            wait_until("the pod's sandbox to go", Duration::from_secs(30), || {
+                !pod_cgroup.exists()
+                    && !std::path::Path::new("/run/netns").join(&netns).exists()
+                    && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
+            .with_context(|| format!("pod {name}: cgroup, netns {netns} or pid {pid} left"))?;
+        }
+    }
+    ensure!(seen_drivers.contains(&CgroupDriver::Systemd));
+    ensure!(seen_drivers.contains(&CgroupDriver::Cgroupfs));
+    Ok(())
+}
