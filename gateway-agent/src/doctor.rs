@@ -46,10 +46,7 @@ fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
 fn kernel() -> Check {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let ok = (major, minor) >= MIN_KERNEL;
+    let ok = kernel_version(release) >= MIN_KERNEL;
     let detail = if ok {
         format!("Linux {release}")
     } else {
@@ -59,6 +56,14 @@ fn kernel() -> Check {
         )
     };
     check("kernel", ok, detail)
+}
+
+/// `(major, minor)` of a kernel release string such as `6.18.44-fc-v769`.
+fn kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (major, minor)
 }
 
 fn btf() -> Check {
@@ -74,39 +79,38 @@ fn btf() -> Check {
     }
 }
 
-/// CONFIG_CGROUP_BPF: the kernel lists cgroup program types only then; the cheapest
-/// sign without loading anything is the BPF syscall being there and cgroup2 offering
-/// the `cgroup.subtree_control` file plus a kernel config entry when readable.
+/// CONFIG_CGROUP_BPF, asked of the kernel itself: it loads a trivial program of each
+/// type the data path uses (cgroup/sock_addr, sock_ops) and unloads it.
 fn cgroup_bpf() -> Check {
-    if let Some(config) = kernel_config() {
-        return if config.lines().any(|l| l == "CONFIG_CGROUP_BPF=y") {
-            check("cgroup-bpf", true, "CONFIG_CGROUP_BPF=y")
-        } else {
-            check(
-                "cgroup-bpf",
-                false,
-                "CONFIG_CGROUP_BPF is not set: cgroup/connect programs cannot attach",
-            )
-        };
+    use aya::programs::ProgramType;
+    use aya::sys::is_program_supported;
+    let mut missing = Vec::new();
+    for (name, ty) in [
+        ("cgroup/sock_addr", ProgramType::CgroupSockAddr),
+        ("sock_ops", ProgramType::SockOps),
+    ] {
+        match is_program_supported(ty) {
+            Ok(true) => {}
+            Ok(false) => missing.push(format!("{name} programs are not supported")),
+            Err(e) => missing.push(format!("probing {name} programs failed: {e}")),
+        }
     }
-    // No config to read: ask the kernel whether the bpf syscall exists at all.
-    // SAFETY: BPF_PROG_LOAD with a null attr just fails; ENOSYS means no BPF syscall.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 5, std::ptr::null::<u8>(), 0) };
-    let errno = std::io::Error::last_os_error().raw_os_error();
-    if rc < 0 && errno == Some(libc::ENOSYS) {
-        check("cgroup-bpf", false, "the bpf() system call is missing")
-    } else {
+    if missing.is_empty() {
         check(
             "cgroup-bpf",
             true,
-            "bpf() present (kernel config not readable; attaching will tell)",
+            "cgroup/sock_addr and sock_ops programs load",
+        )
+    } else {
+        check(
+            "cgroup-bpf",
+            false,
+            format!(
+                "{} (the kernel needs CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)",
+                missing.join("; ")
+            ),
         )
     }
-}
-
-fn kernel_config() -> Option<String> {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
 }
 
 fn cgroup2() -> Check {
@@ -166,5 +170,19 @@ fn privileges() -> Check {
             false,
             format!("missing {}", missing.join(", ")),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(kernel_version("6.18.44-fc-v769"), (6, 18));
+        assert_eq!(kernel_version("5.4.0-150-generic"), (5, 4));
+        assert_eq!(kernel_version("garbage"), (0, 0));
+        assert!(kernel_version("5.4.0") < MIN_KERNEL);
+        assert!(kernel_version("5.15.0") >= MIN_KERNEL);
     }
 }

@@ -807,3 +807,28 @@ fn connect_hook_cost_per_call() {
         assert!(nanos < 20_000, "connect4 takes {nanos} ns per call");
     }
 }
+
+/// `gateway-agent doctor` finds everything the data path needs on this machine (the
+/// suite itself just proved it works, so a failing check is a wrong check).
+#[test]
+fn doctor_passes_where_the_data_path_works() {
+    tollgate_tests::require_root();
+    // The agent mounts bpffs when it starts; doctor reports it missing before that.
+    datapath::ensure_bpffs(Path::new(datapath::DEFAULT_BPFFS_DIR)).unwrap();
+    let checks = gateway_agent::doctor::run(Path::new(datapath::DEFAULT_BPFFS_DIR));
+    let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        [
+            "kernel",
+            "btf",
+            "cgroup-bpf",
+            "cgroup2",
+            "bpffs",
+            "privileges"
+        ]
+    );
+    for c in &checks {
+        assert!(c.ok, "doctor: {} failed: {}", c.name, c.detail);
+    }
+}
