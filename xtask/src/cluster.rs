@@ -40,8 +40,10 @@ pub fn run(args: ClusterArgs) -> Result<()> {
                 );
             } else {
                 println!(
-                    "cluster: started in {:.1}s (build time, if any, included)",
-                    report.elapsed.as_secs_f64()
+                    "cluster: started in {:.1}s (build {:.1}s + start {:.1}s)",
+                    report.elapsed.as_secs_f64(),
+                    report.build.as_secs_f64(),
+                    (report.elapsed - report.build).as_secs_f64()
                 );
             }
             print_env(&layout);

@@ -244,6 +244,15 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
             bail!("go build of {name} failed ({status})");
         }
         fs::rename(&tmp, &out)?;
+        // Older builds of the same binary are superseded.
+        if let Ok(entries) = fs::read_dir(&layout.cache_bin) {
+            for entry in entries.filter_map(|e| e.ok()) {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                if file.starts_with(&format!("{name}-")) && entry.path() != out {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         println!(
             "cluster: built {name} in {:.1}s -> {}",
             started.elapsed().as_secs_f64(),
@@ -577,23 +586,61 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> R
 /// What `up` did.
 pub struct UpReport {
     pub reused: bool,
+    /// Whole call, build included.
     pub elapsed: Duration,
+    /// Time spent building missing binaries (zero when the cache had them).
+    pub build: Duration,
 }
 
-/// Starts the cluster, or reuses it when healthy. Builds missing binaries first.
+/// An exclusive lock on the cluster (`<state>.lock`), held while starting or stopping
+/// it, so that `cluster up` and a test process never start two clusters at once. The
+/// lock is held by keeping the file open.
+struct StateLock(#[allow(dead_code)] fs::File);
+
+impl StateLock {
+    fn acquire(layout: &Layout) -> Result<StateLock> {
+        let path = layout.state.with_extension("lock");
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a valid open descriptor; released when the file closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(StateLock(file))
+    }
+}
+
+/// Starts the cluster, or reuses it when healthy and running the current binaries (a
+/// changed Go source means a new binary, and a restart). Builds missing binaries first.
 pub fn up(layout: &Layout) -> Result<UpReport> {
     crate::require_root();
+    let _lock = StateLock::acquire(layout)?;
     let started = Instant::now();
     let bins = ensure_binaries(layout)?;
-    if healthy(layout) {
+    let build = started.elapsed();
+    let wanted = format!("{bins:?}");
+    let running = fs::read_to_string(layout.state.join("binaries")).unwrap_or_default();
+    if running == wanted && healthy(layout) {
         return Ok(UpReport {
             reused: true,
             elapsed: started.elapsed(),
+            build,
         });
     }
     // Anything half-alive is stopped and started afresh: a restart is cheap (seconds)
     // and never leaves a mix of old and new PKI or state.
-    down(layout);
+    stop(layout);
     let result = start(layout, &bins);
     if let Err(err) = &result {
         eprintln!(
@@ -612,12 +659,13 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
                 }
             }
         }
-        down(layout);
+        stop(layout);
     }
     result?;
     Ok(UpReport {
         reused: false,
         elapsed: started.elapsed(),
+        build,
     })
 }
 
@@ -625,6 +673,7 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
     for dir in [layout.logs(), layout.pids(), layout.state.join("etcd")] {
         fs::create_dir_all(&dir)?;
     }
+    fs::write(layout.state.join("binaries"), format!("{bins:?}"))?;
     generate_pki(layout)?;
     let pki = layout.pki();
     let pk = |n: &str| pki.join(n).display().to_string();
@@ -815,6 +864,11 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
 /// Stops every process and removes the topology (namespaces, links, iptables rules,
 /// cgroups) and the state directory. Safe to call when nothing runs.
 pub fn down(layout: &Layout) {
+    let _lock = StateLock::acquire(layout);
+    stop(layout);
+}
+
+fn stop(layout: &Layout) {
     // Graceful first: simkubelets remove their pods, the API server and etcd flush.
     let mut pids = Vec::new();
     for name in process_names().into_iter().rev() {
@@ -826,7 +880,7 @@ pub fn down(layout: &Layout) {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && pids.iter().any(|p| pid_alive(*p)) {
         std::thread::sleep(Duration::from_millis(100));
     }

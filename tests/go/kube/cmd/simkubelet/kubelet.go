@@ -398,6 +398,9 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	if err := k.createSandbox(pd); err != nil {
 		return fmt.Errorf("sandbox: %w", err)
 	}
+	if err := os.MkdirAll(filepath.Join(pd.dir, "home"), 0o755); err != nil {
+		return err
+	}
 	saDir := filepath.Join(pd.dir, "serviceaccount")
 	if err := os.MkdirAll(saDir, 0o755); err != nil {
 		return err
@@ -415,7 +418,9 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	env := []string{
 		"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"HOSTNAME=" + p.Name,
-		"HOME=/root",
+		// An empty home of its own: the host's ~/.kube/config must not shadow the
+		// in-cluster configuration a pod's kubectl uses.
+		"HOME=" + filepath.Join(pd.dir, "home"),
 		"KUBERNETES_SERVICE_HOST=10.96.0.1",
 		"KUBERNETES_SERVICE_PORT=443",
 		"KUBERNETES_SERVICE_PORT_HTTPS=443",
