@@ -350,13 +350,7 @@ impl Datapath {
 
     /// Where the connection between `peer` (the pod) and `local` (the proxy) was headed.
     pub fn origin(&self, local: SocketAddr, peer: SocketAddr) -> Result<Option<ConnOrigin>> {
-        let key = FlowKey {
-            client_addr: mapped_octets(peer.ip()),
-            proxy_addr: mapped_octets(local.ip()),
-            client_port: peer.port(),
-            proxy_port: local.port(),
-        };
-        match self.flows.get(&key, 0) {
+        match self.flows.get(&flow_key(local, peer), 0) {
             Ok(o) => Ok(Some(ConnOrigin {
                 dst: socket_addr(o.addr, o.port, o.family),
                 pod_cgroup_id: o.pod_cgroup_id,
@@ -391,14 +385,39 @@ impl Datapath {
             .collect()
     }
 
+    /// [`Datapath::origin`], and forgets the record: what the proxy calls once per
+    /// accepted connection, so that a record never outlives its connection (a later
+    /// connection with the same 4-tuple, e.g. from a new pod on a recycled IP dialling
+    /// the proxy directly, must not inherit it).
+    pub fn take_origin(
+        &mut self,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<Option<ConnOrigin>> {
+        let origin = self.origin(local, peer)?;
+        if origin.is_some() {
+            match self.flows.remove(&flow_key(local, peer)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        name: maps::FLOW_ORIGINS,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(origin)
+    }
+
+    /// [`Datapath::take_origin`] for an accepted stream.
+    pub fn take_origin_of(&mut self, stream: &TcpStream) -> Result<Option<ConnOrigin>> {
+        let (local, peer) = stream_addrs(stream)?;
+        self.take_origin(local, peer)
+    }
+
     /// [`Datapath::origin`] for an accepted stream.
     pub fn origin_of(&self, stream: &TcpStream) -> Result<Option<ConnOrigin>> {
-        let local = stream
-            .local_addr()
-            .map_err(io_err("local address of", Path::new("accepted stream")))?;
-        let peer = stream
-            .peer_addr()
-            .map_err(io_err("peer address of", Path::new("accepted stream")))?;
+        let (local, peer) = stream_addrs(stream)?;
         self.origin(local, peer)
     }
 }
@@ -708,6 +727,26 @@ fn mapped_octets(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(a) => v4_mapped(a.octets()),
         IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn stream_addrs(stream: &TcpStream) -> Result<(SocketAddr, SocketAddr)> {
+    let local = stream
+        .local_addr()
+        .map_err(io_err("local address of", Path::new("accepted stream")))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(io_err("peer address of", Path::new("accepted stream")))?;
+    Ok((local, peer))
+}
+
+/// The 4-tuple key of a connection between `peer` (the pod) and `local` (the proxy).
+fn flow_key(local: SocketAddr, peer: SocketAddr) -> FlowKey {
+    FlowKey {
+        client_addr: mapped_octets(peer.ip()),
+        proxy_addr: mapped_octets(local.ip()),
+        client_port: peer.port(),
+        proxy_port: local.port(),
     }
 }
 

@@ -55,8 +55,8 @@ static TG_CONFIG: Array<Config> = Array::pinned(1, 0);
 /// got established, e.g. refused while the proxy was down, age out).
 #[map]
 static TG_SOCK_ORIGINS: LruHashMap<u64, Origin> = LruHashMap::pinned(SOCK_ORIGINS_MAX, 0);
-/// Established 4-tuple → origin, for the proxy after accept(). LRU: kept after close so
-/// that a connection still waiting in the accept queue can be attributed.
+/// Established 4-tuple → origin, for the proxy after accept(), which consumes it. LRU:
+/// records of connections the proxy never accepted age out.
 #[map]
 static TG_FLOW_ORIGINS: LruHashMap<FlowKey, Origin> = LruHashMap::pinned(FLOW_ORIGINS_MAX, 0);
 
@@ -233,37 +233,61 @@ pub fn tg_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Established (client side): copy the origin to the 4-tuple map for the proxy, and ask
-/// for state callbacks so the per-socket record is freed at close.
+/// for state callbacks so that the per-socket record goes when the socket closes.
+///
+/// The 4-tuple record is NOT removed at close: an orphaned client socket reaches
+/// TCP_CLOSE as soon as its FIN is acknowledged, possibly before the proxy has accepted
+/// the connection. The proxy consumes the record after accept() instead
+/// (`Datapath::take_origin`); the LRU bounds what is never accepted.
 #[sock_ops]
 pub fn tg_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
-        return 1;
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        on_established(&ctx);
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
+        // args[1] is the new state. Only redirected sockets asked for this callback.
+        on_close(&ctx);
     }
+    1
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
     // SAFETY: helper call on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if op == BPF_SOCK_OPS_STATE_CB {
-        // args[1] is the new state.
-        if ctx.arg(1) == TCP_CLOSE {
-            let _ = TG_SOCK_ORIGINS.remove(&cookie);
-        }
-        return 1;
-    }
     // SAFETY: the value is copied at once.
     let Some(origin) = (unsafe { TG_SOCK_ORIGINS.get(&cookie) }).copied() else {
-        return 1;
+        return; // not a redirected connection
     };
+    let Some(key) = flow_key(ctx) else {
+        return;
+    };
+    let _ = TG_FLOW_ORIGINS.insert(&key, &origin, 0);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: helper call on our own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = TG_SOCK_ORIGINS.remove(&cookie);
+}
+
+/// The connection's 4-tuple as the proxy sees it after accept(): client and proxy
+/// addresses (IPv4 as v4-mapped) and ports in host order.
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
     // Every field is read unconditionally, each with its own load: LLVM would otherwise
     // merge the family branches into one load through a computed context pointer, which
     // the verifier refuses.
-    let f = SockOpsFields::read(&ctx);
+    let f = SockOpsFields::read(ctx);
     let (client_addr, proxy_addr) = match f.family {
         AF_INET => (
             v4_mapped(f.local_ip4.to_ne_bytes()),
             v4_mapped(f.remote_ip4.to_ne_bytes()),
         ),
         AF_INET6 => (words_to_bytes(f.local_ip6), words_to_bytes(f.remote_ip6)),
-        _ => return 1,
+        _ => return None,
     };
     // local_port is in host order; remote_port in network order, which little-endian
     // kernels hand over in the upper 16 bits.
@@ -272,15 +296,12 @@ pub fn tg_sock_ops(ctx: SockOpsContext) -> u32 {
     } else {
         f.remote_port
     };
-    let key = FlowKey {
+    Some(FlowKey {
         client_addr,
         proxy_addr,
         client_port: f.local_port as u16,
         proxy_port: u16::from_be(remote as u16),
-    };
-    let _ = TG_FLOW_ORIGINS.insert(&key, &origin, 0);
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    1
+    })
 }
 
 /// The sock_ops context fields we use, each read with a plain 4-byte load.

@@ -152,12 +152,17 @@ impl Fixture {
         listen(&self.topo.control_plane, addr)
     }
 
-    fn origin(&self, stream: &TcpStream) -> Option<ConnOrigin> {
-        self.dp
-            .as_ref()
-            .expect("data path installed")
-            .origin_of(stream)
-            .expect("looking up the origin")
+    /// What the proxy does after accept(): take the connection's origin (the record is
+    /// consumed, so a second lookup finds nothing).
+    fn take_origin(&mut self, stream: &TcpStream) -> Option<ConnOrigin> {
+        let dp = self.dp();
+        let origin = dp.take_origin_of(stream).expect("looking up the origin");
+        assert_eq!(
+            dp.origin_of(stream).expect("looking up the origin again"),
+            None,
+            "the origin record outlived its lookup"
+        );
+        origin
     }
 }
 
@@ -280,7 +285,7 @@ fn assert_connected(result: &Value, dialled: SocketAddr, who: &str) {
 /// The pod dials `dialled`; the proxy listener must accept it and learn `dialled` and the
 /// pod's cgroup id; the API-server listener must not see it.
 fn assert_redirected(
-    f: &Fixture,
+    f: &mut Fixture,
     pod: &PodSandbox,
     dialled: SocketAddr,
     proxy: &TcpListener,
@@ -301,8 +306,8 @@ fn assert_redirected(
         "{who}: the proxy accepted someone else"
     );
     let origin = f
-        .origin(&stream)
-        .unwrap_or_else(|| panic!("{who}: no origin recorded for {peer} → {dialled}"));
+        .take_origin(&stream)
+        .unwrap_or_else(|| panic!("{who}: no origin recorded for {peer} → {dialled} ({args:?})"));
     assert_eq!(origin.dst, dialled, "{who}: original destination");
     assert_eq!(
         origin.pod_cgroup_id,
@@ -332,7 +337,7 @@ fn enforced_pods_of_every_driver_and_qos_class_land_on_the_proxy() {
             );
             // ClusterIP, the endpoint directly, and the ClusterIP through AF_INET6.
             for dialled in [cluster_ip(), endpoint(), mapped_cluster_ip()] {
-                assert_redirected(&f, &pod, dialled, &proxy, &api, &[]);
+                assert_redirected(&mut f, &pod, dialled, &proxy, &api, &[]);
             }
         }
     }
@@ -348,7 +353,7 @@ fn unclassified_pods_are_redirected_too() {
         for qos in QosClass::ALL {
             n += 1;
             let pod = f.pod(n, &format!("new{n}"), driver, qos, None);
-            assert_redirected(&f, &pod, endpoint(), &proxy, &api, &[]);
+            assert_redirected(&mut f, &pod, endpoint(), &proxy, &api, &[]);
         }
     }
 }
@@ -433,7 +438,7 @@ fn the_agents_own_connections_and_host_processes_are_not_redirected() {
     assert_connected(&result, endpoint(), "marked socket");
     accept_within(&api, ACCEPT_TIMEOUT).expect("the agent-marked socket was redirected");
     // ... and without the mark the same pod is redirected (the test can fail).
-    assert_redirected(&f, &pod, endpoint(), &proxy, &api, &[]);
+    assert_redirected(&mut f, &pod, endpoint(), &proxy, &api, &[]);
 
     // A host process on the node (kubelet, say): outside kubepods.
     let kubelet_cgroup = f.node().host_cgroup("kubelet").unwrap();
@@ -506,8 +511,9 @@ fn non_blocking_connect_and_tcp_fast_open_are_redirected() {
         Some(CgroupClass::Enforced),
     );
     for dialled in [endpoint(), cluster_ip(), mapped_cluster_ip()] {
-        assert_redirected(&f, &pod, dialled, &proxy, &api, &["--nonblock"]);
-        let mut stream = assert_redirected(&f, &pod, dialled, &proxy, &api, &["--tfo", "tollgate"]);
+        assert_redirected(&mut f, &pod, dialled, &proxy, &api, &["--nonblock"]);
+        let mut stream =
+            assert_redirected(&mut f, &pod, dialled, &proxy, &api, &["--tfo", "tollgate"]);
         // The data handed to sendto(MSG_FASTOPEN) arrives at the proxy.
         stream.set_read_timeout(Some(ACCEPT_TIMEOUT)).unwrap();
         let mut buf = Vec::new();
@@ -530,8 +536,8 @@ fn native_ipv6_targets_are_redirected() {
     );
     let unclassified = f.pod(2, "new", CgroupDriver::Cgroupfs, QosClass::Burstable, None);
     for p in [&pod, &unclassified] {
-        assert_redirected(&f, p, endpoint6(), &proxy6, &api6, &[]);
-        assert_redirected(&f, p, endpoint6(), &proxy6, &api6, &["--nonblock"]);
+        assert_redirected(&mut f, p, endpoint6(), &proxy6, &api6, &[]);
+        assert_redirected(&mut f, p, endpoint6(), &proxy6, &api6, &["--nonblock"]);
     }
     let exempt = f.pod(
         3,
@@ -573,7 +579,9 @@ fn host_network_pods_are_sent_to_the_proxy_on_loopback() {
     assert_connected(&result, endpoint(), "hostNetwork pod");
     let (stream, _) =
         accept_within(&loopback_proxy, ACCEPT_TIMEOUT).expect("loopback proxy never saw it");
-    let origin = f.origin(&stream).expect("origin of the hostNetwork pod");
+    let origin = f
+        .take_origin(&stream)
+        .expect("origin of the hostNetwork pod");
     assert_eq!(origin.dst, endpoint());
     assert_eq!(origin.pod_cgroup_id, pod.pod_cgroup_id().unwrap());
     assert_accepted_nothing(&api, "the API-server listener");
@@ -695,7 +703,7 @@ fn uninstall_removes_every_pin_and_link() {
         QosClass::Guaranteed,
         Some(CgroupClass::Enforced),
     );
-    assert_redirected(&f, &pod, endpoint(), &proxy, &api, &[]);
+    assert_redirected(&mut f, &pod, endpoint(), &proxy, &api, &[]);
     let status = datapath::status(&f.config.bpffs).unwrap();
     assert_eq!(status.links.len(), 5, "links pinned: {status:?}");
     assert_eq!(status.maps.len(), 5, "maps pinned: {status:?}");

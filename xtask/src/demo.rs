@@ -121,7 +121,7 @@ pub fn run(_args: DemoArgs) -> Result<()> {
         SocketAddr::from((node.pod_gateway, PROXY_PORT)),
     )?;
     let api = listen(&topo.control_plane, endpoint)?;
-    let dp = cleanup.datapath.as_ref().expect("installed above");
+    let dp = cleanup.datapath.as_mut().expect("installed above");
 
     // 1. The enforced pod dials the Service address.
     println!();
@@ -131,7 +131,7 @@ pub fn run(_args: DemoArgs) -> Result<()> {
     let (mut stream, from) =
         accept_within(&proxy, Duration::from_secs(5)).context("the proxy saw nothing")?;
     let origin = dp
-        .origin_of(&stream)?
+        .take_origin_of(&stream)?
         .context("the proxy could not learn the origin")?;
     println!(
         "   The kernel steered it to the Tollgate proxy at {}:{PROXY_PORT} on its node.",
