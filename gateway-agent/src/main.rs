@@ -73,6 +73,9 @@ struct InstallArgs {
     /// Socket mark of the agent's own upstream connections.
     #[arg(long, default_value_t = 0)]
     agent_mark: u32,
+    /// The agent's cgroup, never redirected (default: this process's cgroup).
+    #[arg(long)]
+    agent_cgroup: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +170,7 @@ fn install(args: InstallArgs) -> Result<()> {
     config.proxy_addr4 = args.node_ip;
     config.proxy_addr6 = args.node_ip6;
     config.agent_mark = args.agent_mark;
+    config.agent_cgroup = args.agent_cgroup;
     let mut dp = Datapath::install(&config)?;
     if !args.targets.is_empty() {
         dp.set_targets(&args.targets)?;
