@@ -3,6 +3,7 @@ module tollgate.dev/tests/go/kube
 go 1.24.0
 
 require (
+	github.com/creack/pty v1.1.18
 	golang.org/x/sys v0.31.0
 	k8s.io/api v0.34.4
 	k8s.io/apimachinery v0.34.4

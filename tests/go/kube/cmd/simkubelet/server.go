@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 	"k8s.io/client-go/tools/remotecommand"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -245,6 +246,9 @@ func (a *runtimeAdapter) Exec(ctx context.Context, containerID string, cmd []str
 	args := append([]string{"--target", strconv.Itoa(pd.cmd.Process.Pid), "--net", "--mount", "--wd=/", "--"}, cmd...)
 	c := exec.CommandContext(ctx, "nsenter", args...)
 	c.Env = pd.env
+	if tty {
+		return execWithTTY(c, cgroupFD, in, out, resize)
+	}
 	c.Stdin = in
 	if out != nil {
 		c.Stdout = out
@@ -382,4 +386,38 @@ func dialInNetns(nsPath, addr string) (net.Conn, error) {
 	}()
 	r := <-ch
 	return r.conn, r.err
+}
+
+// execWithTTY runs c on a new pseudo-terminal (kubectl exec -t), forwarding resizes.
+func execWithTTY(c *exec.Cmd, cgroupFD int, in io.Reader, out io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
+	c.Env = append(c.Env, "TERM=xterm")
+	ptmx, err := pty.StartWithAttrs(c, nil, &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgroupFD})
+	if err != nil {
+		return err
+	}
+	defer ptmx.Close()
+	go func() {
+		for size := range resize {
+			_ = pty.Setsize(ptmx, &pty.Winsize{Rows: size.Height, Cols: size.Width})
+		}
+	}()
+	if in != nil {
+		go func() { _, _ = io.Copy(ptmx, in) }()
+	}
+	copied := make(chan struct{})
+	go func() {
+		if out != nil {
+			_, _ = io.Copy(out, ptmx)
+		}
+		close(copied)
+	}()
+	err = c.Wait()
+	select {
+	case <-copied:
+	case <-time.After(time.Second):
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return &exitCodeError{code: ee.ExitCode(), msg: ee.Error()}
+	}
+	return err
 }
