@@ -97,6 +97,27 @@ async fn kubectl_in_pod_uses_cluster_ip_and_rbac() -> Result<()> {
         ns.name
     );
     ensure!(log.contains(&refusal), "no RBAC refusal in:\n{log}");
+
+    // The same identity, asked through exec: allowed to get pods, not to delete them.
+    let get = pod.in_pod_kubectl(cluster, &["auth", "can-i", "get", "pods"]);
+    assert_eq!(text(&get.stdout).trim(), "yes", "{}", text(&get.stderr));
+    let delete = pod.in_pod_kubectl(cluster, &["auth", "can-i", "delete", "pods"]);
+    assert_eq!(text(&delete.stdout).trim(), "no");
+    let whoami = pod.in_pod_kubectl(
+        cluster,
+        &[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ],
+    );
+    assert_eq!(
+        text(&whoami.stdout),
+        format!("system:serviceaccount:{}:lister", ns.name),
+        "{}",
+        text(&whoami.stderr)
+    );
     Ok(())
 }
 

@@ -441,6 +441,16 @@ impl RunningPod {
     }
 }
 
+impl RunningPod {
+    /// Runs `kubectl ARGS` inside the pod (through `kubectl exec`), with no flags but the
+    /// in-pod defaults: the service-account files and KUBERNETES_SERVICE_HOST/PORT.
+    pub fn in_pod_kubectl(&self, cluster: &Cluster, args: &[&str]) -> Output {
+        let mut cmd = vec!["kubectl"];
+        cmd.extend_from_slice(args);
+        self.kubectl_exec(cluster, &[], &cmd)
+    }
+}
+
 /// Polls `check` every 100ms until it returns true or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let started = Instant::now();
