@@ -48,6 +48,7 @@ pub fn run(_args: DemoArgs) -> Result<()> {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
     let probe = build_probe()?;
+    remove_stale_pins();
     let id = unique_id();
     let mut cleanup = Cleanup {
         bpffs: Path::new("/sys/fs/bpf").join(&id),
@@ -186,6 +187,27 @@ pub fn run(_args: DemoArgs) -> Result<()> {
     drop(cleanup);
     println!("Done.");
     Ok(())
+}
+
+/// Removes pins that an interrupted demo or test run left under /sys/fs/bpf (named like
+/// their topology, `tgp<pid>x<n>`, whose process is gone). The topology's own leftovers
+/// are removed by `Topology::create`.
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("tgp")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = datapath::uninstall(&entry.path());
+            }
+        }
+    }
 }
 
 /// Runs tg-probe inside the pod: connect to `addr`, say hello, report getpeername.
