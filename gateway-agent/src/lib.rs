@@ -1,8 +1,27 @@
 //! Tollgate's node agent: one module per concern (DESIGN §1). The binary (`main.rs`) is
-//! a thin CLI over these.
+//! a thin CLI over these; [`app`] is the one place where `run` assembles them.
 //!
 //! - [`datapath`]: the eBPF programs: load, attach, pin, map sync, connection origins.
+//! - [`discovery`]: pods on this node → cgroups, the API server's addresses; keeps the
+//!   kernel maps right.
+//! - [`proxy`]: TLS, classification, forwarding, upgrades.
+//! - [`identity`]: TokenReview and the pod a token belongs to.
+//! - [`policy`]: allow / deny rules, validated, hot-reloaded.
+//! - [`status`]: every error a client sees, as a `metav1.Status`.
+//! - [`certs`]: the serving certificate from the cluster CA.
+//! - [`config`], [`readiness`], [`metrics`], [`admin`]: the daemon's frame.
 //! - [`doctor`]: can this node run the data path?
 
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod config;
 pub mod datapath;
+pub mod discovery;
 pub mod doctor;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod readiness;
+pub mod status;

@@ -1,8 +1,8 @@
 //! `gateway-agent`: Tollgate's node agent and CLI.
 //!
-//! Subcommands today: `doctor` and `datapath install|status|uninstall`. The daemon
-//! (`run`) and the reviewer commands (`approvals`, `sessions`, `certs`, `policy`) join
-//! here as their issues land.
+//! Subcommands: `run` (the daemon), `certs issue`, `policy check`, `doctor` and
+//! `datapath install|status|uninstall`. The reviewer commands (`approvals`, `sessions`)
+//! join here as their issues land.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -22,6 +22,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: data path, discovery, proxy, admin port.
+    Run(Box<gateway_agent::config::RunArgs>),
+    /// Serving certificates for the proxy.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Work with policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Check that this node can run the data path (one line per check).
     Doctor {
         /// bpffs directory the agent pins to.
@@ -48,6 +60,49 @@ enum DatapathCommand {
     Uninstall {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Issue the proxy's serving certificate from the cluster CA, with the API server's
+    /// names; writes tls.crt and tls.key (the layout of a kubernetes.io/tls Secret).
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    /// The cluster CA certificate (PEM).
+    #[arg(long)]
+    ca_cert: PathBuf,
+    /// The cluster CA key (PEM, PKCS#8 or PKCS#1). Used once here; the agent never
+    /// needs it.
+    #[arg(long)]
+    ca_key: PathBuf,
+    /// Directory to write tls.crt and tls.key to.
+    #[arg(long)]
+    out: PathBuf,
+    /// The `kubernetes` Service ClusterIP.
+    #[arg(long, default_value = "10.96.0.1")]
+    cluster_ip: std::net::IpAddr,
+    /// The cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// More names or addresses clients dial the API server by (its endpoint
+    /// addresses, a load balancer name); repeatable.
+    #[arg(long = "extra-san")]
+    extra_sans: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    days: u64,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file; prints every problem with its line and column.
+    Check {
+        /// The policy file.
+        file: PathBuf,
     },
 }
 
@@ -96,6 +151,51 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => {
+            let config =
+                gateway_agent::config::Config::load(*args, || datapath::cgroup2_mount().ok())?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(gateway_agent::app::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs {
+            command: CertsCommand::Issue(args),
+        } => {
+            let issued = gateway_agent::certs::issue(&gateway_agent::certs::IssueRequest {
+                ca_cert: args.ca_cert,
+                ca_key: args.ca_key,
+                out_dir: args.out,
+                cluster_ip: args.cluster_ip,
+                cluster_domain: args.cluster_domain,
+                extra_sans: args.extra_sans,
+                validity: std::time::Duration::from_secs(args.days * 86_400),
+            })?;
+            println!(
+                "wrote {} and {}",
+                issued.cert.display(),
+                issued.key.display()
+            );
+            println!("names: {}", issued.sans.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => match gateway_agent::policy::source::load_file(&file) {
+            Ok(policy) => {
+                println!(
+                    "{}: ok ({} rule{}, default {})",
+                    file.display(),
+                    policy.rules.len(),
+                    if policy.rules.len() == 1 { "" } else { "s" },
+                    policy.default
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Doctor { bpffs } => {
             let checks = doctor::run(&bpffs);
             for c in &checks {

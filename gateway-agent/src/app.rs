@@ -1,0 +1,283 @@
+//! `gateway-agent run`: the one place where the agent is assembled, in order —
+//! config → readiness and admin port → kernel data path → API client → policy →
+//! discovery → identity → proxy listeners. Each component gets what it needs here and
+//! owns its own state from then on.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::datapath::{Datapath, DatapathConfig};
+use crate::discovery::{self, DiscoveryConfig, Enforcement, KernelMaps};
+use crate::identity::{CacheConfig, Identity, KubeTokenReviewer};
+use crate::metrics::Metrics;
+use crate::policy::source::{self as policy_source, PolicySource};
+use crate::proxy::accept::{Acceptor, Origin, OriginLookup};
+use crate::proxy::{self, Gateway, Limits, PolicyHandle};
+use crate::readiness::Ready;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("admin port {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("kernel data path: {0}")]
+    Datapath(#[from] crate::datapath::DatapathError),
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
+    #[error("policy: {0}")]
+    Policy(#[from] policy_source::LoadError),
+    #[error("TLS: {0}")]
+    Tls(#[from] proxy::tls::TlsError),
+    #[error("proxy listener {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The kernel maps as discovery and the proxy see them: one owner (the Datapath)
+/// behind a lock, since map updates need `&mut`.
+#[derive(Clone)]
+struct SharedDatapath(Arc<Mutex<Datapath>>);
+
+impl SharedDatapath {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Datapath> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl KernelMaps for SharedDatapath {
+    fn set_pod(&mut self, cgroup_id: u64, enforcement: Enforcement) -> Result<(), String> {
+        let class = match enforcement {
+            Enforcement::Enforced => gateway_common::CgroupClass::Enforced,
+            Enforcement::Exempt => gateway_common::CgroupClass::Exempt,
+        };
+        self.lock()
+            .set_cgroup(cgroup_id, class)
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), String> {
+        self.lock()
+            .remove_cgroup(cgroup_id)
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_targets(&mut self, targets: &[SocketAddr]) -> Result<(), String> {
+        self.lock().set_targets(targets).map_err(|e| e.to_string())
+    }
+}
+
+impl OriginLookup for SharedDatapath {
+    fn origin(&self, local: SocketAddr, peer: SocketAddr) -> Result<Option<Origin>, String> {
+        // Taken, not read: the record is not needed again and the map stays small.
+        self.lock()
+            .take_origin(local, peer)
+            .map(|o| {
+                o.map(|o| Origin {
+                    dst: o.dst,
+                    pod_cgroup_id: o.pod_cgroup_id,
+                })
+            })
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT. The kernel path stays pinned on exit, so
+/// enforcement has no gap while the agent restarts.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let ready = Ready::new();
+    let metrics = Metrics::new();
+
+    // Admin port first, so /healthz answers and /readyz says what is pending.
+    let admin_listener = TcpListener::bind(config.admin_address)
+        .await
+        .map_err(|source| AppError::Admin {
+            addr: config.admin_address,
+            source,
+        })?;
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+        }),
+    ));
+
+    // Kernel data path: adopt pins or install; redirect starts at once.
+    let maps_ready = ready.register("kernel maps");
+    let mut datapath_config = DatapathConfig::new(&config.cgroup_root, &config.bpffs);
+    datapath_config.proxy_port = config.proxy_port;
+    for addr in &config.proxy_addresses {
+        match addr {
+            IpAddr::V4(v4) => datapath_config.proxy_addr4 = Some(*v4),
+            IpAddr::V6(v6) => datapath_config.proxy_addr6 = Some(*v6),
+        }
+    }
+    let datapath = SharedDatapath(Arc::new(Mutex::new(Datapath::install(&datapath_config)?)));
+    info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), "kernel data path attached");
+    drop(maps_ready);
+
+    // The agent's own API access.
+    let client = kube_client(&config).await?;
+
+    // Policy: must be valid before anything is forwarded.
+    let policy_ready = ready.register("policy");
+    let policy = match &config.policy {
+        PolicySource::File(path) => {
+            let handle = PolicyHandle::new(policy_source::load_file(path)?);
+            tokio::spawn(policy_source::follow_file(
+                path.clone(),
+                handle.clone(),
+                Duration::from_secs(2),
+            ));
+            handle
+        }
+        PolicySource::ConfigMap { namespace, name } => {
+            let handle = PolicyHandle::new(crate::policy::Policy::deny_all());
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(policy_source::follow_configmap(
+                client.clone(),
+                namespace.clone(),
+                name.clone(),
+                handle.clone(),
+                first_tx,
+            ));
+            match first_rx.await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(AppError::Kube(
+                        "the policy ConfigMap watch ended before the first policy".into(),
+                    ))
+                }
+            }
+            handle
+        }
+    };
+    drop(policy_ready);
+
+    // Discovery keeps the kernel maps right and answers "which pod is this cgroup?".
+    let watches_ready = ready.register("watches");
+    let (directory, discovery_task) = discovery::start(
+        client.clone(),
+        DiscoveryConfig {
+            node_name: config.node_name.clone(),
+            cgroup_root: config.cgroup_root.clone(),
+            api_service_namespace: "default".into(),
+            api_service_name: "kubernetes".into(),
+            cgroup_retry: Duration::from_millis(500),
+        },
+        datapath.clone(),
+    );
+    {
+        let directory = directory.clone();
+        tokio::spawn(async move {
+            directory.wait_synced().await;
+            drop(watches_ready);
+        });
+    }
+
+    // The proxy.
+    let listener_ready = ready.register("proxy listener");
+    let gateway = Arc::new(Gateway {
+        upstream: proxy::upstream::Upstream::new(
+            proxy::tls::upstream_config(&config.cluster_ca)?,
+            Duration::from_secs(60),
+        ),
+        identity: Identity::new(
+            KubeTokenReviewer::new(client.clone()),
+            CacheConfig::default(),
+        ),
+        policy,
+        limits: Limits {
+            max_body_bytes: config.max_body_bytes,
+            ..Limits::default()
+        },
+        allow_unbound_tokens: config.allow_unbound_tokens,
+        metrics: metrics.clone(),
+    });
+    let acceptor = Arc::new(Acceptor {
+        gateway,
+        tls: TlsAcceptor::from(proxy::tls::server_config(
+            &config.tls_cert,
+            &config.tls_key,
+        )?),
+        origins: Arc::new(datapath.clone()),
+        directory,
+        classify_timeout: config.classify_timeout,
+        metrics,
+    });
+    let mut listen_on: Vec<SocketAddr> = config
+        .proxy_addresses
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, config.proxy_port))
+        .collect();
+    // Host-network pods are steered to loopback.
+    listen_on.push(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        config.proxy_port,
+    ));
+    let mut listeners = Vec::new();
+    for addr in listen_on {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Listen { addr, source })?;
+        listeners.push(tokio::spawn(acceptor.clone().run(listener)));
+    }
+    drop(listener_ready);
+    info!(node = %config.node_name, "agent running");
+
+    shutdown_signal().await;
+    info!("shutting down; the kernel data path stays pinned");
+    for listener in listeners {
+        listener.abort();
+    }
+    discovery_task.abort();
+    admin_task.abort();
+    Ok(())
+}
+
+async fn kube_client(config: &Config) -> Result<kube::Client, AppError> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AppError::Kube(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| AppError::Kube(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| AppError::Kube(e.to_string()))?,
+    };
+    kube::Client::try_from(kube_config).map_err(|e| AppError::Kube(e.to_string()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            warn!("signal handlers unavailable; stopping on ctrl-c only");
+            if let Err(err) = tokio::signal::ctrl_c().await {
+                error!(%err, "waiting for ctrl-c failed");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}

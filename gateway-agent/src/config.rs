@@ -1,0 +1,379 @@
+//! The agent's configuration: one plain struct, read from an optional YAML file and
+//! overridden by flags (and their environment variables), validated once at start.
+//! Every component takes the part it needs; none reads the environment itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `gateway-agent run` flags. Every flag may also come from the config file (same name
+/// in camelCase) or the environment variable shown.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// YAML file with any of the settings below (flags win).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name (from the downward API: spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Node addresses pods reach the proxy at (IPv4 and/or IPv6; repeat the flag).
+    #[arg(
+        long = "proxy-address",
+        env = "TOLLGATE_PROXY_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub proxy_addresses: Vec<IpAddr>,
+    /// The proxy's port on those addresses (and on loopback, for host-network pods).
+    #[arg(long, env = "TOLLGATE_PROXY_PORT")]
+    pub proxy_port: Option<u16>,
+    /// Serving certificate and key issued from the cluster CA (`certs issue`).
+    #[arg(long, env = "TOLLGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA, to verify the real API server.
+    #[arg(long, env = "TOLLGATE_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// kubeconfig for the agent's own API access (default: in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Policy file (reloaded when it changes).
+    #[arg(
+        long,
+        env = "TOLLGATE_POLICY_FILE",
+        conflicts_with = "policy_configmap"
+    )]
+    pub policy_file: Option<PathBuf>,
+    /// Policy ConfigMap as namespace/name (watched; key `policy.yaml`).
+    #[arg(long, env = "TOLLGATE_POLICY_CONFIGMAP")]
+    pub policy_configmap: Option<String>,
+    /// cgroup-v2 directory holding kubelet's kubepods hierarchy (default: the
+    /// cgroup2 mount).
+    #[arg(long, env = "TOLLGATE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory for pinned programs and maps.
+    #[arg(long, env = "TOLLGATE_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// Plain-HTTP address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "TOLLGATE_ADMIN_ADDRESS")]
+    pub admin_address: Option<SocketAddr>,
+    /// How long a connection from a pod discovery does not know yet waits (e.g. 5s).
+    #[arg(long, env = "TOLLGATE_CLASSIFY_TIMEOUT", value_parser = parse_duration)]
+    pub classify_timeout: Option<Duration>,
+    /// Accept service-account tokens not bound to a pod (legacy Secret tokens).
+    #[arg(long, env = "TOLLGATE_ALLOW_UNBOUND_TOKENS")]
+    pub allow_unbound_tokens: bool,
+    /// Largest request body forwarded, in bytes.
+    #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+}
+
+/// The same settings as a YAML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileConfig {
+    node_name: Option<String>,
+    #[serde(default)]
+    proxy_addresses: Vec<IpAddr>,
+    proxy_port: Option<u16>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    cluster_ca: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    policy_file: Option<PathBuf>,
+    policy_configmap: Option<String>,
+    cgroup_root: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    admin_address: Option<SocketAddr>,
+    classify_timeout: Option<String>,
+    allow_unbound_tokens: Option<bool>,
+    max_body_bytes: Option<usize>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub proxy_addresses: Vec<IpAddr>,
+    pub proxy_port: u16,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub cluster_ca: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    pub policy: crate::policy::source::PolicySource,
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub admin_address: SocketAddr,
+    pub classify_timeout: Duration,
+    pub allow_unbound_tokens: bool,
+    pub max_body_bytes: usize,
+}
+
+pub const DEFAULT_PROXY_PORT: u16 = 15443;
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15090";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tollgate";
+pub const DEFAULT_CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0} is required (flag --{1} or config file field {2})")]
+    Missing(&'static str, &'static str, &'static str),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(
+        args: RunArgs,
+        default_cgroup_root: impl FnOnce() -> Option<PathBuf>,
+    ) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = args
+            .node_name
+            .or(file.node_name)
+            .ok_or(ConfigError::Missing(
+                "the node name",
+                "node-name",
+                "nodeName",
+            ))?;
+        let proxy_addresses = if args.proxy_addresses.is_empty() {
+            file.proxy_addresses
+        } else {
+            args.proxy_addresses
+        };
+        if proxy_addresses.is_empty() {
+            return Err(ConfigError::Missing(
+                "a pod-facing proxy address",
+                "proxy-address",
+                "proxyAddresses",
+            ));
+        }
+        if proxy_addresses.iter().filter(|a| a.is_ipv4()).count() > 1
+            || proxy_addresses.iter().filter(|a| a.is_ipv6()).count() > 1
+        {
+            return Err(ConfigError::Invalid(
+                "at most one IPv4 and one IPv6 proxy address".into(),
+            ));
+        }
+        let proxy_port = args
+            .proxy_port
+            .or(file.proxy_port)
+            .unwrap_or(DEFAULT_PROXY_PORT);
+        if proxy_port == 0 {
+            return Err(ConfigError::Invalid("the proxy port cannot be 0".into()));
+        }
+        let tls_cert = args.tls_cert.or(file.tls_cert).ok_or(ConfigError::Missing(
+            "the serving certificate",
+            "tls-cert",
+            "tlsCert",
+        ))?;
+        let tls_key = args.tls_key.or(file.tls_key).ok_or(ConfigError::Missing(
+            "the serving key",
+            "tls-key",
+            "tlsKey",
+        ))?;
+        let cluster_ca = args
+            .cluster_ca
+            .or(file.cluster_ca)
+            .ok_or(ConfigError::Missing(
+                "the cluster CA",
+                "cluster-ca",
+                "clusterCa",
+            ))?;
+        let policy = match (
+            args.policy_file.or(file.policy_file),
+            args.policy_configmap.or(file.policy_configmap),
+        ) {
+            (Some(path), None) => crate::policy::source::PolicySource::File(path),
+            (None, Some(reference)) => {
+                let (namespace, name) = reference
+                    .split_once('/')
+                    .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "policy ConfigMap {reference:?} must be written namespace/name"
+                        ))
+                    })?;
+                crate::policy::source::PolicySource::ConfigMap {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "give a policy file or a policy ConfigMap, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "a policy",
+                    "policy-file or --policy-configmap",
+                    "policyFile or policyConfigmap",
+                ))
+            }
+        };
+        let cgroup_root = match args.cgroup_root.or(file.cgroup_root) {
+            Some(root) => root,
+            None => default_cgroup_root().ok_or_else(|| {
+                ConfigError::Invalid("no cgroup2 mount found; pass --cgroup-root".into())
+            })?,
+        };
+        let classify_timeout = match (args.classify_timeout, file.classify_timeout) {
+            (Some(t), _) => t,
+            (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Invalid)?,
+            (None, None) => DEFAULT_CLASSIFY_TIMEOUT,
+        };
+        let admin_address = args
+            .admin_address
+            .or(file.admin_address)
+            .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().expect("valid default"));
+        Ok(Config {
+            node_name,
+            proxy_addresses,
+            proxy_port,
+            tls_cert,
+            tls_key,
+            cluster_ca,
+            kubeconfig: args.kubeconfig.or(file.kubeconfig),
+            policy,
+            cgroup_root,
+            bpffs: args
+                .bpffs
+                .or(file.bpffs)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
+            admin_address,
+            classify_timeout,
+            allow_unbound_tokens: args.allow_unbound_tokens
+                || file.allow_unbound_tokens.unwrap_or(false),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(3 * 1024 * 1024),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_saphyr::from_str(&text).map_err(|err| ConfigError::Parse {
+        path: path.to_owned(),
+        message: err
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    })
+}
+
+/// `500ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 2m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{text:?} is not a duration like 500ms, 5s, 2m or 1h"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            node_name: Some("node1".into()),
+            proxy_addresses: vec!["10.244.1.1".parse().unwrap()],
+            tls_cert: Some("tls.crt".into()),
+            tls_key: Some("tls.key".into()),
+            cluster_ca: Some("ca.crt".into()),
+            policy_file: Some("policy.yaml".into()),
+            ..RunArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let config = Config::load(args(), || Some("/sys/fs/cgroup".into())).unwrap();
+        assert_eq!(config.proxy_port, DEFAULT_PROXY_PORT);
+        assert_eq!(config.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        assert_eq!(config.classify_timeout, DEFAULT_CLASSIFY_TIMEOUT);
+        assert_eq!(config.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        let mut a = args();
+        a.node_name = None;
+        let err = Config::load(a, || None).unwrap_err().to_string();
+        assert!(err.contains("--node-name"), "{err}");
+        let mut a = args();
+        a.policy_file = None;
+        let err = Config::load(a, || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy"), "{err}");
+        let mut a = args();
+        a.policy_file = None;
+        a.policy_configmap = Some("justaname".into());
+        let err = Config::load(a, || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespace/name"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn file_settings_and_typos() {
+        let dir = std::env::temp_dir().join(format!("tollgate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.yaml");
+        std::fs::write(&file, "proxyPort: 16443\nclassifyTimeout: 2s\n").unwrap();
+        let mut a = args();
+        a.config = Some(file.clone());
+        let config = Config::load(a, || Some("/x".into())).unwrap();
+        assert_eq!(config.proxy_port, 16443);
+        assert_eq!(config.classify_timeout, Duration::from_secs(2));
+        std::fs::write(&file, "proxyPrt: 16443\n").unwrap();
+        let mut a = args();
+        a.config = Some(file);
+        let err = Config::load(a, || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxyPrt"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

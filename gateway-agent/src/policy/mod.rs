@@ -1,0 +1,751 @@
+//! The policy: which API calls of which callers are allowed, denied, or (with the
+//! approvals feature) held for people to approve.
+//!
+//! One YAML document, read and validated once into a [`Policy`]; a broken document is
+//! refused as a whole with the line and column of every problem, so the agent can keep
+//! the version it has (hot reload) and `gateway-agent policy check FILE` can point at the
+//! mistake. Unknown fields are errors: in a security policy a misspelt `verbs:` must not
+//! silently turn a narrow rule into one that matches everything.
+//!
+//! ```yaml
+//! apiVersion: tollgate.dev/v1alpha1
+//! kind: Policy
+//! default: allow            # what applies when no rule matches: allow | deny
+//! rules:                    # first match wins
+//!   - name: no-secret-writes
+//!     action: deny
+//!     reason: agents may not change Secrets
+//!     caller:               # every condition given must hold; none given = anyone
+//!       namespaces: [agents]
+//!       serviceAccounts: [agents/coder]
+//!       podLabels: {team: ai}
+//!       users: [...]
+//!       groups: [...]
+//!     request:              # RBAC's vocabulary
+//!       verbs: [create, update, patch, delete, deletecollection]
+//!       apiGroups: [""]
+//!       resources: [secrets]          # resource or resource/subresource, "*" for any
+//!       namespaces: [prod, "team-*"]  # "*" matches any run of characters
+//!       names: ["*"]
+//!       nonResourceURLs: [/version]   # instead of resources, for non-resource paths
+//! ```
+
+pub mod source;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::proxy::classify::RequestInfo;
+
+/// What a rule decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// A validated policy, ready to decide requests.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub default: Action,
+    pub rules: Vec<Rule>,
+}
+
+/// One validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    pub reason: String,
+    pub caller: CallerMatch,
+    pub request: RequestMatch,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CallerMatch {
+    namespaces: Vec<Pattern>,
+    service_accounts: Vec<(Pattern, Pattern)>,
+    pod_labels: BTreeMap<String, String>,
+    users: Vec<Pattern>,
+    groups: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    verbs: Vec<String>,
+    api_groups: Vec<Pattern>,
+    resources: Vec<Pattern>,
+    namespaces: Vec<Pattern>,
+    names: Vec<Pattern>,
+    non_resource_urls: Vec<Pattern>,
+}
+
+/// Who is calling, as identity and discovery established it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub user: String,
+    pub groups: Vec<String>,
+    /// The pod's namespace and service account, when the caller is a pod.
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The outcome for one request: the action and the rule that chose it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// `None` when the default applied.
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+impl Policy {
+    /// Parses and validates a policy document. Every problem found is reported, each
+    /// with its line and column.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        let raw: RawPolicy = serde_saphyr::from_str(text).map_err(|err| {
+            let location = err.location().map(|l| (l.line(), l.column()));
+            PolicyError {
+                problems: vec![Problem {
+                    location,
+                    message: parser_message(&err.to_string()),
+                }],
+            }
+        })?;
+        raw.validate()
+    }
+
+    /// Refuses everything: what is in force before a policy has been read.
+    pub fn deny_all() -> Policy {
+        Policy {
+            default: Action::Deny,
+            rules: Vec::new(),
+        }
+    }
+
+    /// First matching rule wins; the default applies when none matches.
+    pub fn decide(&self, caller: &Caller, request: &RequestInfo) -> Decision {
+        for rule in &self.rules {
+            if rule.caller.matches(caller) && rule.request.matches(request) {
+                return Decision {
+                    action: rule.action,
+                    rule: Some(rule.name.clone()),
+                    reason: rule.reason.clone(),
+                };
+            }
+        }
+        Decision {
+            action: self.default,
+            rule: None,
+            reason: format!("no rule matched; the policy default is {}", self.default),
+        }
+    }
+}
+
+impl CallerMatch {
+    fn matches(&self, caller: &Caller) -> bool {
+        any_or_empty(&self.namespaces, |p| p.matches(&caller.namespace))
+            && (self.service_accounts.is_empty()
+                || self.service_accounts.iter().any(|(ns, name)| {
+                    ns.matches(&caller.namespace) && name.matches(&caller.service_account)
+                }))
+            && self
+                .pod_labels
+                .iter()
+                .all(|(k, v)| caller.pod_labels.get(k) == Some(v))
+            && any_or_empty(&self.users, |p| p.matches(&caller.user))
+            && (self.groups.is_empty()
+                || self
+                    .groups
+                    .iter()
+                    .any(|p| caller.groups.iter().any(|g| p.matches(g))))
+    }
+}
+
+impl RequestMatch {
+    fn matches(&self, request: &RequestInfo) -> bool {
+        let verb_ok =
+            self.verbs.is_empty() || self.verbs.iter().any(|v| v == "*" || *v == request.verb);
+        if !verb_ok {
+            return false;
+        }
+        if !request.is_resource_request {
+            // A rule about resources never matches a non-resource path, and the other
+            // way round (as in RBAC).
+            return !self.non_resource_urls.is_empty()
+                && self
+                    .non_resource_urls
+                    .iter()
+                    .any(|p| p.matches(&request.path));
+        }
+        if !self.non_resource_urls.is_empty() {
+            return false;
+        }
+        let resource = request.resource_with_subresource();
+        any_or_empty(&self.api_groups, |p| p.matches(&request.api_group))
+            && any_or_empty(&self.resources, |p| p.matches(&resource))
+            && any_or_empty(&self.namespaces, |p| p.matches(&request.namespace))
+            && any_or_empty(&self.names, |p| p.matches(&request.name))
+    }
+}
+
+fn any_or_empty(patterns: &[Pattern], f: impl Fn(&Pattern) -> bool) -> bool {
+    patterns.is_empty() || patterns.iter().any(f)
+}
+
+/// A name with `*` wildcards (any run of characters, also none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    pub fn matches(&self, text: &str) -> bool {
+        glob_match(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+/// Iterative wildcard match with backtracking to the last `*` (linear in practice, no
+/// recursion, so a hostile pattern cannot blow the stack).
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// A policy that cannot be used, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column, when known.
+    pub location: Option<(u64, u64)>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.location {
+            Some((line, column)) => write!(f, "line {line} column {column}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "policy has {n} problem{}", if n == 1 { "" } else { "s" })?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// The YAML parser's message without its own "error: line N column M:" prefix (the
+/// location is reported separately), in words a policy author knows.
+fn parser_message(message: &str) -> String {
+    let mut text = message.lines().next().unwrap_or(message).trim();
+    text = text.strip_prefix("error: ").unwrap_or(text);
+    if text.starts_with("line ") {
+        if let Some((_, rest)) = text.split_once(": ") {
+            text = rest;
+        }
+    }
+    text.replace(
+        "unexpected event: expected mapping start",
+        "expected a mapping (key: value pairs)",
+    )
+    .replace(
+        "unexpected event: expected sequence start",
+        "expected a list",
+    )
+    .replace(
+        "unexpected event: expected string scalar",
+        "expected a string",
+    )
+}
+
+// ---- the document as written, before validation ----
+
+const API_VERSION: &str = "tollgate.dev/v1alpha1";
+const KIND: &str = "Policy";
+/// Verbs the API server's RequestInfo produces (plus `*`).
+const KNOWN_VERBS: &[&str] = &[
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "proxy",
+    "*",
+];
+
+type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    api_version: S<String>,
+    kind: S<String>,
+    #[serde(default)]
+    default: Option<S<String>>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRule {
+    name: S<String>,
+    action: S<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    caller: Option<RawCaller>,
+    #[serde(default)]
+    request: Option<RawRequest>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCaller {
+    #[serde(default)]
+    namespaces: Vec<S<String>>,
+    #[serde(default)]
+    service_accounts: Vec<S<String>>,
+    #[serde(default)]
+    pod_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    users: Vec<S<String>>,
+    #[serde(default)]
+    groups: Vec<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRequest {
+    #[serde(default)]
+    verbs: Vec<S<String>>,
+    #[serde(default)]
+    api_groups: Vec<S<String>>,
+    #[serde(default)]
+    resources: Vec<S<String>>,
+    #[serde(default)]
+    namespaces: Vec<S<String>>,
+    #[serde(default)]
+    names: Vec<S<String>>,
+    #[serde(default, rename = "nonResourceURLs")]
+    non_resource_urls: Vec<S<String>>,
+}
+
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn at<T>(&mut self, spanned: &S<T>, message: impl Into<String>) {
+        self.0.push(Problem {
+            location: Some((spanned.referenced.line(), spanned.referenced.column())),
+            message: message.into(),
+        });
+    }
+}
+
+fn parse_action(value: &S<String>, problems: &mut Problems) -> Option<Action> {
+    match value.value.as_str() {
+        "allow" => Some(Action::Allow),
+        "deny" => Some(Action::Deny),
+        "approve" => {
+            problems.at(
+                value,
+                "action \"approve\" needs the approvals feature, which this version does not have; use allow or deny",
+            );
+            None
+        }
+        other => {
+            problems.at(
+                value,
+                format!("unknown action {other:?}; expected allow or deny"),
+            );
+            None
+        }
+    }
+}
+
+fn patterns(values: &[S<String>], what: &str, problems: &mut Problems) -> Vec<Pattern> {
+    values
+        .iter()
+        .filter_map(|v| {
+            if v.value.is_empty() && what != "apiGroups" {
+                problems.at(v, format!("empty string in {what}"));
+                None
+            } else {
+                Some(Pattern(v.value.clone()))
+            }
+        })
+        .collect()
+}
+
+impl RawPolicy {
+    fn validate(self) -> Result<Policy, PolicyError> {
+        let mut problems = Problems(Vec::new());
+        if self.api_version.value != API_VERSION {
+            problems.at(
+                &self.api_version,
+                format!(
+                    "apiVersion {:?} is not supported; expected {API_VERSION}",
+                    self.api_version.value
+                ),
+            );
+        }
+        if self.kind.value != KIND {
+            problems.at(
+                &self.kind,
+                format!(
+                    "kind {:?} is not a policy; expected {KIND}",
+                    self.kind.value
+                ),
+            );
+        }
+        let default = match &self.default {
+            None => Some(Action::Allow),
+            Some(value) => parse_action(value, &mut problems),
+        };
+        let mut names = HashSet::new();
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for raw in self.rules {
+            if raw.name.value.trim().is_empty() {
+                problems.at(&raw.name, "a rule needs a name");
+            } else if !names.insert(raw.name.value.clone()) {
+                problems.at(
+                    &raw.name,
+                    format!("rule name {:?} is used twice", raw.name.value),
+                );
+            }
+            let action = parse_action(&raw.action, &mut problems);
+            let caller = raw.caller.unwrap_or_default();
+            let request = raw.request.unwrap_or_default();
+
+            let mut service_accounts = Vec::new();
+            for sa in &caller.service_accounts {
+                match sa.value.split_once('/') {
+                    Some((ns, name))
+                        if !ns.is_empty() && !name.is_empty() && !name.contains('/') =>
+                    {
+                        service_accounts.push((Pattern(ns.to_owned()), Pattern(name.to_owned())))
+                    }
+                    _ => problems.at(
+                        sa,
+                        format!(
+                            "service account {:?} must be written namespace/name",
+                            sa.value
+                        ),
+                    ),
+                }
+            }
+            for verb in &request.verbs {
+                if !KNOWN_VERBS.contains(&verb.value.as_str()) {
+                    problems.at(
+                        verb,
+                        format!(
+                            "unknown verb {:?}; known verbs: {}",
+                            verb.value,
+                            KNOWN_VERBS.join(", ")
+                        ),
+                    );
+                }
+            }
+            let resource_fields = !request.resources.is_empty()
+                || !request.api_groups.is_empty()
+                || !request.names.is_empty()
+                || !request.namespaces.is_empty();
+            if let (true, Some(first)) = (resource_fields, request.non_resource_urls.first()) {
+                problems.at(
+                    first,
+                    "nonResourceURLs cannot be combined with apiGroups, resources, namespaces or names",
+                );
+            }
+            for url in &request.non_resource_urls {
+                if !url.value.starts_with('/') {
+                    problems.at(
+                        url,
+                        format!("non-resource URL {:?} must start with /", url.value),
+                    );
+                }
+            }
+            let rule = Rule {
+                name: raw.name.value.clone(),
+                action: action.unwrap_or(Action::Deny),
+                reason: raw
+                    .reason
+                    .unwrap_or_else(|| format!("denied by policy rule {:?}", raw.name.value)),
+                caller: CallerMatch {
+                    namespaces: patterns(&caller.namespaces, "namespaces", &mut problems),
+                    service_accounts,
+                    pod_labels: caller.pod_labels,
+                    users: patterns(&caller.users, "users", &mut problems),
+                    groups: patterns(&caller.groups, "groups", &mut problems),
+                },
+                request: RequestMatch {
+                    verbs: request.verbs.iter().map(|v| v.value.clone()).collect(),
+                    api_groups: patterns(&request.api_groups, "apiGroups", &mut problems),
+                    resources: patterns(&request.resources, "resources", &mut problems),
+                    namespaces: patterns(&request.namespaces, "namespaces", &mut problems),
+                    names: patterns(&request.names, "names", &mut problems),
+                    non_resource_urls: patterns(
+                        &request.non_resource_urls,
+                        "nonResourceURLs",
+                        &mut problems,
+                    ),
+                },
+            };
+            rules.push(rule);
+        }
+        if !problems.0.is_empty() {
+            return Err(PolicyError {
+                problems: problems.0,
+            });
+        }
+        Ok(Policy {
+            default: default.unwrap_or(Action::Deny),
+            rules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+
+    use super::*;
+    use crate::proxy::classify::classify;
+
+    const POLICY: &str = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+default: allow
+rules:
+  - name: no-secret-writes
+    action: deny
+    reason: agents may not change Secrets
+    caller:
+      namespaces: [agents]
+    request:
+      verbs: [create, update, patch, delete, deletecollection]
+      apiGroups: [""]
+      resources: [secrets]
+  - name: no-exec-into-prod
+    action: deny
+    request:
+      resources: [pods/exec, pods/attach]
+      namespaces: ["prod-*"]
+  - name: coder-reads
+    action: allow
+    caller:
+      serviceAccounts: [agents/coder]
+      podLabels: {team: ai}
+    request:
+      verbs: [get, list, watch]
+  - name: nothing-else-for-coder
+    action: deny
+    reason: the coder agent only reads
+    caller:
+      serviceAccounts: ["agents/coder"]
+  - name: no-version
+    action: deny
+    request:
+      nonResourceURLs: [/version]
+"#;
+
+    fn request(method: Method, path: &str) -> RequestInfo {
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        classify(&method, path, query).unwrap()
+    }
+
+    fn coder() -> Caller {
+        Caller {
+            user: "system:serviceaccount:agents:coder".into(),
+            groups: vec!["system:serviceaccounts".into()],
+            namespace: "agents".into(),
+            service_account: "coder".into(),
+            pod_labels: [("team".to_owned(), "ai".to_owned())].into(),
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_applies() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let d = policy.decide(
+            &coder(),
+            &request(Method::POST, "/api/v1/namespaces/agents/secrets"),
+        );
+        assert_eq!(d.action, Action::Deny);
+        assert_eq!(d.rule.as_deref(), Some("no-secret-writes"));
+        assert_eq!(d.reason, "agents may not change Secrets");
+
+        let d = policy.decide(
+            &coder(),
+            &request(Method::GET, "/api/v1/namespaces/agents/secrets"),
+        );
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Allow, Some("coder-reads"))
+        );
+
+        let d = policy.decide(
+            &coder(),
+            &request(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/agents/deployments/x",
+            ),
+        );
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Deny, Some("nothing-else-for-coder"))
+        );
+
+        // Another caller falls through to the default.
+        let other = Caller {
+            namespace: "team-a".into(),
+            service_account: "builder".into(),
+            ..Caller::default()
+        };
+        let d = policy.decide(
+            &other,
+            &request(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/agents/deployments/x",
+            ),
+        );
+        assert_eq!((d.action, d.rule), (Action::Allow, None));
+
+        // Subresources and namespace globs.
+        let d = policy.decide(
+            &other,
+            &request(Method::POST, "/api/v1/namespaces/prod-eu/pods/p/exec"),
+        );
+        assert_eq!(d.rule.as_deref(), Some("no-exec-into-prod"));
+        let d = policy.decide(
+            &other,
+            &request(Method::POST, "/api/v1/namespaces/staging/pods/p/exec"),
+        );
+        assert_eq!(d.rule, None);
+
+        // Non-resource URLs only match non-resource rules.
+        let d = policy.decide(&other, &request(Method::GET, "/version"));
+        assert_eq!(d.rule.as_deref(), Some("no-version"));
+    }
+
+    #[test]
+    fn labels_must_all_match() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let mut caller = coder();
+        caller.pod_labels.insert("team".into(), "web".into());
+        let d = policy.decide(
+            &caller,
+            &request(Method::GET, "/api/v1/namespaces/agents/pods"),
+        );
+        assert_eq!(d.rule.as_deref(), Some("nothing-else-for-coder"));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let text = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nrules:\n  - name: a\n    action: deny\n    request:\n      verbs: [get, delet]\n";
+        let err = Policy::parse(text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].location, Some((7, 20)), "{err}");
+        assert!(
+            err.problems[0].message.contains("unknown verb \"delet\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn misspelt_fields_are_refused_not_ignored() {
+        let text = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nrules:\n  - name: a\n    action: deny\n    request:\n      verb: [delete]\n";
+        let err = Policy::parse(text).unwrap_err();
+        assert_eq!(err.problems[0].location.map(|l| l.0), Some(7), "{err}");
+        assert!(err.to_string().contains("verb"), "{err}");
+    }
+
+    #[test]
+    fn approve_is_refused_until_approvals_exist() {
+        let text = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nrules:\n  - name: a\n    action: approve\n";
+        let err = Policy::parse(text).unwrap_err();
+        assert_eq!(err.problems[0].location, Some((5, 13)));
+        assert!(err.problems[0].message.contains("approvals feature"));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = "apiVersion: v1\nkind: ConfigMap\ndefault: maybe\nrules:\n  - name: a\n    action: deny\n  - name: a\n    action: allow\n    caller:\n      serviceAccounts: [coder]\n";
+        let err = Policy::parse(text).unwrap_err();
+        let lines: Vec<u64> = err
+            .problems
+            .iter()
+            .filter_map(|p| p.location.map(|l| l.0))
+            .collect();
+        assert_eq!(lines, vec![1, 2, 3, 7, 10], "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_have_locations() {
+        for text in ["kind: [", "apiVersion: x\n  kind: y: z\n", "\t- a"] {
+            let err = Policy::parse(text).unwrap_err();
+            assert!(err.problems[0].location.is_some(), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn glob() {
+        let p = |s: &str| Pattern(s.to_owned());
+        assert!(p("*").matches(""));
+        assert!(p("team-*").matches("team-a"));
+        assert!(!p("team-*").matches("teams"));
+        assert!(p("*-prod").matches("eu-prod"));
+        assert!(p("a*b*c").matches("aXXbYYc"));
+        assert!(!p("a*b*c").matches("aXXbYY"));
+        assert!(p("exact").matches("exact"));
+        assert!(!p("exact").matches("exactly"));
+        // Pathological patterns stay fast.
+        let long = "a".repeat(10_000);
+        assert!(!p("*a*a*a*a*a*a*a*b").matches(&long));
+    }
+}

@@ -1,0 +1,498 @@
+//! One API call through the proxy, top to bottom:
+//! classify → identify → decide → forward (→ upgrade).
+//!
+//! Every refusal is a `metav1.Status` built in one place (`refuse`), logged with the
+//! request id, and never a dropped connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use tracing::{info, warn, Instrument};
+
+use super::classify::{classify, RequestInfo};
+use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Upstream, UpstreamError};
+use crate::identity::{check_pod, AttributedPod, Identity, Review, TokenReviewer};
+use crate::metrics::RequestLabels;
+use crate::policy::{Action, Caller, Policy};
+use crate::status::{Status, Subject};
+
+/// The header the API server reads (and echoes) to tie its audit event to ours.
+const AUDIT_ID: &str = "audit-id";
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// All header names and values together.
+    pub max_header_bytes: usize,
+    /// A request body (the API server itself refuses more than 3 MiB).
+    pub max_body_bytes: usize,
+    /// How long the API server may take to start answering.
+    pub upstream_response_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 3 * 1024 * 1024,
+            upstream_response_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The policy in force; replaced whole on reload, read per request.
+#[derive(Clone)]
+pub struct PolicyHandle(Arc<RwLock<Arc<Policy>>>);
+
+impl PolicyHandle {
+    pub fn new(policy: Policy) -> Self {
+        PolicyHandle(Arc::new(RwLock::new(Arc::new(policy))))
+    }
+    pub fn current(&self) -> Arc<Policy> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn replace(&self, policy: Policy) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+}
+
+/// What every connection shares.
+pub struct Gateway<R: TokenReviewer> {
+    pub upstream: Upstream,
+    pub identity: Identity<R>,
+    pub policy: PolicyHandle,
+    pub limits: Limits,
+    /// Accept tokens not bound to any pod (e.g. legacy Secret-based ones). Off by
+    /// default: such a token cannot be tied to the pod that uses it.
+    pub allow_unbound_tokens: bool,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// The pod on the other end of a connection, as the kernel and discovery know it.
+#[derive(Debug, Clone)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub ip: String,
+}
+
+/// One client connection (one session).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub session: String,
+    pub peer: SocketAddr,
+    /// Where the pod was going: the API server address it dialled.
+    pub original_dst: SocketAddr,
+    pub pod: PodInfo,
+}
+
+/// Serves one request. Never fails: every error becomes a Status response.
+pub async fn handle<R: TokenReviewer>(
+    gateway: Arc<Gateway<R>>,
+    connection: Arc<ConnectionInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let request_id = audit_id(request.headers());
+    let span = tracing::info_span!(
+        "request",
+        id = %request_id,
+        session = %connection.session,
+        pod = %format_args!("{}/{}", connection.pod.namespace, connection.pod.name),
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = Instant::now();
+    let mut verb = String::new();
+    let response = serve(&gateway, &connection, request, &request_id, &mut verb)
+        .instrument(span.clone())
+        .await;
+    let (response, decision) = match response {
+        Ok(response) => (response, "allow"),
+        Err(refusal) => (refusal.into_response(), "refused"),
+    };
+    gateway
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            verb,
+            decision: decision.to_owned(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    gateway
+        .metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    span.in_scope(|| {
+        info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "done"
+        )
+    });
+    Ok(response)
+}
+
+/// A request answered by the proxy itself.
+struct Refusal {
+    status: Status,
+    request_id: String,
+    retry_after: Option<u32>,
+}
+
+impl Refusal {
+    fn new(status: Status, request_id: &str) -> Self {
+        let retry_after = status.details.as_ref().and_then(|d| d.retry_after_seconds);
+        Refusal {
+            status,
+            request_id: request_id.to_owned(),
+            retry_after,
+        }
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        let code =
+            StatusCode::from_u16(self.status.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = Response::new(full(self.status.to_json()));
+        *response.status_mut() = code;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Ok(id) = HeaderValue::from_str(&self.request_id) {
+            headers.insert(AUDIT_ID, id);
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+async fn serve<R: TokenReviewer>(
+    gateway: &Gateway<R>,
+    connection: &ConnectionInfo,
+    request: Request<Incoming>,
+    request_id: &str,
+    verb: &mut String,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let refuse = |status: Status| Refusal::new(status, request_id);
+
+    // Classify: what is this call about?
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if header_bytes > gateway.limits.max_header_bytes {
+        warn!(header_bytes, "headers too large");
+        return Err(refuse(Status::headers_too_large(
+            gateway.limits.max_header_bytes,
+        )));
+    }
+    let info = classify(
+        request.method(),
+        request.uri().path(),
+        request.uri().query(),
+    )
+    .map_err(|err| {
+        warn!(%err, "unroutable path");
+        refuse(Status::bad_request(err.to_string()))
+    })?;
+    verb.clone_from(&info.verb);
+
+    // Identify: whose token is it, and is it this pod's?
+    let token = bearer_token(request.headers()).ok_or_else(|| {
+        refuse(Status::unauthorized(
+            "Tollgate needs the pod's service-account bearer token on every request",
+        ))
+    })?;
+    let user = match gateway.identity.review(token).await {
+        Ok(Review::Authenticated(user)) => user,
+        Ok(Review::Rejected(reason)) => {
+            warn!(%reason, "token rejected by TokenReview");
+            return Err(refuse(Status::unauthorized(format!(
+                "the API server does not accept this token: {reason}"
+            ))));
+        }
+        Err(err) => {
+            warn!(%err, "TokenReview unavailable");
+            return Err(refuse(Status::service_unavailable(err.to_string())));
+        }
+    };
+    let pod = AttributedPod {
+        namespace: connection.pod.namespace.clone(),
+        name: connection.pod.name.clone(),
+        uid: connection.pod.uid.clone(),
+    };
+    if let Err(mismatch) = check_pod(&user, &pod, gateway.allow_unbound_tokens) {
+        warn!(user = %user.username, %mismatch, "token used from the wrong pod");
+        return Err(refuse(Status::forbidden(
+            &subject(&info),
+            &mismatch.to_string(),
+        )));
+    }
+
+    // Decide: what does the policy say?
+    let caller = Caller {
+        user: user.username.clone(),
+        groups: user.groups.clone(),
+        namespace: connection.pod.namespace.clone(),
+        service_account: connection.pod.service_account.clone(),
+        pod_labels: connection.pod.labels.clone(),
+    };
+    let decision = gateway.policy.current().decide(&caller, &info);
+    info!(
+        user = %user.username,
+        verb = %info.verb,
+        resource = %info.resource_with_subresource(),
+        namespace = %info.namespace,
+        name = %info.name,
+        action = %decision.action,
+        rule = decision.rule.as_deref().unwrap_or("<default>"),
+        "decided"
+    );
+    if decision.action == Action::Deny {
+        let why = match &decision.rule {
+            Some(rule) => format!("Tollgate policy rule {rule:?}: {}", decision.reason),
+            None => format!("Tollgate policy: {}", decision.reason),
+        };
+        return Err(refuse(Status::forbidden(&subject(&info), &why)));
+    }
+
+    // Forward.
+    forward(gateway, connection, request, request_id)
+        .await
+        .map_err(refuse)
+}
+
+async fn forward<R: TokenReviewer>(
+    gateway: &Gateway<R>,
+    connection: &ConnectionInfo,
+    mut request: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<ProxyBody>, Status> {
+    let limit = gateway.limits.max_body_bytes;
+    if let Some(length) = content_length(request.headers()) {
+        if length > limit as u64 {
+            return Err(Status::request_entity_too_large(limit));
+        }
+    }
+    let upgrade = is_upgrade(request.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(http::header::HOST);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        parts.headers.insert(AUDIT_ID, id);
+    }
+    // The API server's audit log then shows the pod's address, not the node's.
+    if let Ok(ip) = HeaderValue::from_str(&connection.pod.ip) {
+        parts.headers.append("x-forwarded-for", ip);
+    }
+    let body: ProxyBody = Limited::new(body, limit).map_err(BoxError::from).boxed();
+    let upstream_request = Request::from_parts(parts, body);
+
+    let response = gateway
+        .upstream
+        .send(connection.original_dst, upstream_request, upgrade)
+        .await
+        .map_err(|err| match err {
+            UpstreamError::Timeout { .. } => Status::timeout(err.to_string()),
+            UpstreamError::Unreachable { ref source, .. } if is_length_limit(source) => {
+                Status::request_entity_too_large(limit)
+            }
+            other => Status::service_unavailable(other.to_string()),
+        })?;
+
+    if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+        (client_upgrade, response.status())
+    {
+        return Ok(splice_upgrade(client_upgrade, response));
+    }
+
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
+}
+
+/// After `101 Switching Protocols` both sides speak the upgraded protocol (SPDY or
+/// WebSocket): relay the bytes both ways until either side closes.
+fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    mut response: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    tokio::spawn(
+        async move {
+            let (client, upstream) = match tokio::try_join!(client, upstream) {
+                Ok(pair) => pair,
+                Err(err) => {
+                    warn!(%err, "upgrade failed");
+                    return;
+                }
+            };
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((to_server, to_client)) => info!(to_server, to_client, "upgraded stream closed"),
+                Err(err) => info!(%err, "upgraded stream ended"),
+            }
+        }
+        .in_current_span(),
+    );
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, empty())
+}
+
+fn is_length_limit(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The client's `Audit-ID` when it is a sane token, else a new one. (The API server
+/// accepts a client's Audit-ID the same way.)
+fn audit_id(headers: &HeaderMap) -> String {
+    headers
+        .get(AUDIT_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(new_uuid)
+}
+
+fn new_uuid() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom_fill(&mut bytes);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    use std::io::Read;
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(buf);
+    }
+}
+
+fn subject(info: &RequestInfo) -> Subject<'_> {
+    Subject {
+        group: &info.api_group,
+        resource: &info.resource,
+        name: &info.name,
+    }
+}
+
+fn full(bytes: Vec<u8>) -> ProxyBody {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn empty() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer_token(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc.def"));
+        assert_eq!(bearer_token(&h), Some("abc.def"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  xyz "));
+        assert_eq!(bearer_token(&h), Some("xyz"));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+        );
+        assert_eq!(bearer_token(&h), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&h), None);
+    }
+
+    #[test]
+    fn audit_ids_are_kept_only_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(AUDIT_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(audit_id(&h), "abc-123");
+        h.insert(AUDIT_ID, HeaderValue::from_static("bad id\"with quotes"));
+        let id = audit_id(&h);
+        assert_eq!(id.len(), 36);
+        assert_ne!(id, audit_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn upgrades_are_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(!is_upgrade(&h));
+        h.insert(http::header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        assert!(is_upgrade(&h));
+        let mut stripped = h.clone();
+        strip_hop_by_hop(&mut stripped, true);
+        assert!(stripped.contains_key(http::header::UPGRADE));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key(http::header::UPGRADE));
+        assert!(!h.contains_key(http::header::CONNECTION));
+    }
+}

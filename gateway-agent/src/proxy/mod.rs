@@ -1,0 +1,73 @@
+//! The enforcing proxy: TLS in front, the API server behind, policy in between.
+//!
+//! `accept` takes a steered connection (origin, pod, enforce or splice), `tls` builds
+//! both TLS sides, `classify` is the API server's RequestInfo, `handler` is the path of
+//! one request (classify → identify → decide → forward), `upstream` owns the
+//! connections to the API server. This file serves one accepted connection.
+
+pub mod accept;
+pub mod classify;
+pub mod handler;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, Instrument};
+
+use crate::identity::TokenReviewer;
+pub use handler::{ConnectionInfo, Gateway, Limits, PodInfo, PolicyHandle};
+
+/// Terminates TLS on `stream` and serves HTTP/1.1 or HTTP/2 (with upgrades) on it until
+/// the client goes away.
+pub async fn serve_connection<S, R>(
+    stream: S,
+    acceptor: TlsAcceptor,
+    gateway: Arc<Gateway<R>>,
+    connection: ConnectionInfo,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: TokenReviewer,
+{
+    let span = tracing::info_span!(
+        "session",
+        id = %connection.session,
+        peer = %connection.peer,
+        dst = %connection.original_dst,
+    );
+    async move {
+        let tls = match acceptor.accept(stream).await {
+            Ok(tls) => tls,
+            Err(err) => {
+                // Most often a client that does not trust our certificate: say so.
+                info!(%err, "TLS handshake failed");
+                return;
+            }
+        };
+        let connection = Arc::new(connection);
+        let service = service_fn(move |request| {
+            handler::handle(gateway.clone(), connection.clone(), request)
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .max_buf_size(256 * 1024)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(30));
+        builder.http2().max_header_list_size(256 * 1024);
+        if let Err(err) = builder
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            .await
+        {
+            debug!(%err, "connection ended with an error");
+        }
+        info!("session closed");
+    }
+    .instrument(span)
+    .await
+}
