@@ -145,8 +145,14 @@ fn source_hash(files: &[PathBuf]) -> Result<String> {
             hash = hash.wrapping_mul(0x0100_0000_01b3);
         }
     };
+    let base = go_dir();
     for file in files {
-        eat(file.to_string_lossy().as_bytes());
+        // Relative names: the same sources give the same key in any clone.
+        eat(file
+            .strip_prefix(&base)
+            .unwrap_or(file)
+            .to_string_lossy()
+            .as_bytes());
         eat(&fs::read(file).with_context(|| format!("reading {}", file.display()))?);
     }
     Ok(format!("{:08x}", hash as u32))
