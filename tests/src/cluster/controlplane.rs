@@ -578,6 +578,24 @@ pub fn healthy(layout: &Layout) -> bool {
         })
 }
 
+/// [`healthy`], asked up to three times while every process is alive: a busy machine
+/// can make one probe time out, and a false "unhealthy" would restart the cluster under
+/// another test process's feet.
+fn healthy_with_retries(layout: &Layout) -> bool {
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if healthy(layout) {
+            return true;
+        }
+        if !processes(layout).iter().all(|(_, _, alive)| *alive) {
+            return false;
+        }
+    }
+    false
+}
+
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < timeout {
@@ -637,7 +655,7 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
     let build = started.elapsed();
     let wanted = format!("{bins:?}");
     let running = fs::read_to_string(layout.state.join("binaries")).unwrap_or_default();
-    if running == wanted && healthy(layout) {
+    if running == wanted && healthy_with_retries(layout) {
         return Ok(UpReport {
             reused: true,
             elapsed: started.elapsed(),

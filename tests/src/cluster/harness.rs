@@ -36,6 +36,9 @@ pub struct Cluster {
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 
+/// Label on test namespaces: the pid of the test process that owns them.
+const TEST_PID_LABEL: &str = "tollgate.dev/test-pid";
+
 impl Cluster {
     /// Starts the control plane, or reuses the running one: the code path of
     /// `cargo xtask cluster up`. Panics (failing the test) when it cannot.
@@ -50,11 +53,43 @@ impl Cluster {
                         if report.reused { "reused" } else { "started" },
                         report.elapsed.as_secs_f64()
                     );
-                    Cluster { layout }
+                    let cluster = Cluster { layout };
+                    cluster.remove_stale_namespaces();
+                    cluster
                 }
                 Err(err) => panic!("starting the test control plane: {err:#}"),
             }
         })
+    }
+
+    /// Deletes the pods and namespaces of test processes that died without cleaning up
+    /// (killed, or aborted before their `TestNamespace` was dropped).
+    fn remove_stale_namespaces(&self) {
+        let Ok(listing) = self.kubectl_ok(&[
+            "get",
+            "namespaces",
+            "-l",
+            TEST_PID_LABEL,
+            "-o",
+            &format!(
+                "jsonpath={{range .items[*]}}{{.metadata.name}} {{.metadata.labels.{}}}{{\"\\n\"}}{{end}}",
+                TEST_PID_LABEL.replace('.', "\\.")
+            ),
+        ]) else {
+            return;
+        };
+        for line in listing.lines() {
+            let Some((name, pid)) = line.split_once(' ') else {
+                continue;
+            };
+            let alive = pid
+                .parse::<u32>()
+                .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !alive {
+                let _ = self.kubectl_ok(&["delete", "pods", "--all", "-n", name, "--wait=false"]);
+                let _ = self.kubectl_ok(&["delete", "namespace", name, "--wait=false"]);
+            }
+        }
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -110,8 +145,8 @@ impl Cluster {
                     metadata: ObjectMeta {
                         name: Some(name.clone()),
                         labels: Some(BTreeMap::from([(
-                            "tollgate.dev/test".to_owned(),
-                            "true".to_owned(),
+                            TEST_PID_LABEL.to_owned(),
+                            std::process::id().to_string(),
                         )])),
                         ..Default::default()
                     },
