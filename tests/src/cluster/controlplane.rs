@@ -890,6 +890,11 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
 pub fn down(layout: &Layout) {
     let _lock = StateLock::acquire(layout);
     stop(layout);
+    let lock = layout.state.with_extension("lock");
+    let _ = fs::remove_file(&lock);
+    if let Some(parent) = lock.parent() {
+        let _ = fs::remove_dir(parent); // only when empty
+    }
 }
 
 fn stop(layout: &Layout) {
@@ -904,7 +909,7 @@ fn stop(layout: &Layout) {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline && pids.iter().any(|p| pid_alive(*p)) {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -918,10 +923,12 @@ fn stop(layout: &Layout) {
     // them (pod namespaces are named tgc-n<k>-p<n>-<pod>, so they go too).
     topology::remove_by_id(CLUSTER_ID);
     let _ = fs::remove_dir_all(&layout.state);
-    // The empty mount point simkubelet made for service-account files.
+    // The empty mount point simkubelet made for service-account files (rmdir only
+    // removes directories that are empty).
     for dir in [
         "/run/secrets/kubernetes.io/serviceaccount",
         "/run/secrets/kubernetes.io",
+        "/run/secrets",
     ] {
         let _ = fs::remove_dir(dir);
     }
