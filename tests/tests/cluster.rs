@@ -372,9 +372,30 @@ async fn port_forward_reaches_pod_loopback() -> Result<()> {
         ))
         .await?;
     let result = (|| -> Result<()> {
+        for (transport, websockets) in [("websocket", "true"), ("spdy", "false")] {
+            forward_and_fetch(cluster, &ns.name, &pod.name, &marker, websockets)
+                .with_context(|| format!("port-forward over {transport}"))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(pod);
+    result
+}
+
+/// Runs `kubectl port-forward` to the pod's port 8080 and fetches /hello.txt through it.
+fn forward_and_fetch(
+    cluster: &Cluster,
+    namespace: &str,
+    pod: &str,
+    marker: &str,
+    websockets: &str,
+) -> Result<()> {
+    {
         let mut child = cluster
             .kubectl()
-            .args(["port-forward", "-n", &ns.name, &format!("pod/{}", pod.name)])
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+            .args(["port-forward", "-n", namespace, &format!("pod/{pod}")])
             .args(["--address", "127.0.0.1", ":8080"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -409,16 +430,63 @@ async fn port_forward_reaches_pod_loopback() -> Result<()> {
                 }
                 body.clear();
                 let _ = conn.read_to_string(&mut body);
-                body.contains(&marker)
+                body.contains(marker)
             },
         );
         let _ = child.kill();
         let _ = child.wait();
         fetched.with_context(|| format!("last answer: {body:?}"))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `kubectl attach -i` feeds the container's stdin and streams its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_feeds_stdin_and_streams_output() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("attach").await?;
+    let mut opts = PodOptions::new(
+        "echoer",
+        2,
+        &["sh", "-c", "while read line; do echo \"got-$line\"; done"],
+    );
+    opts.stdin = true;
+    let pod = ns.run_pod(opts).await?;
+    let mut child = cluster
+        .kubectl()
+        .args(["attach", "-i", "-n", &ns.name, &pod.name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Attach only shows output from the moment it attaches: write until an answer comes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answered = false;
+    while !answered && Instant::now() < deadline {
+        stdin.write_all(b"ping\n")?;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if line == "got-ping" {
+                answered = true;
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ensure!(answered, "no answer through kubectl attach");
+    let log = cluster.kubectl_ok(&["logs", "-n", &ns.name, &pod.name])?;
+    ensure!(log.contains("got-ping"), "container log: {log}");
     drop(pod);
-    result
+    Ok(())
 }
 
 /// Each QoS class on each cgroup driver: the pod's process runs in kubelet's cgroup for

@@ -176,6 +176,8 @@ pub struct PodOptions {
     pub service_account: Option<String>,
     pub qos: QosClass,
     pub env: Vec<(String, String)>,
+    /// Keep the container's stdin open (spec.containers[0].stdin), for `kubectl attach -i`.
+    pub stdin: bool,
 }
 
 impl PodOptions {
@@ -187,6 +189,7 @@ impl PodOptions {
             service_account: None,
             qos: QosClass::BestEffort,
             env: Vec::new(),
+            stdin: false,
         }
     }
 }
@@ -335,6 +338,7 @@ impl TestNamespace {
                             .collect(),
                     ),
                     resources,
+                    stdin: Some(opts.stdin),
                     ..Default::default()
                 }],
                 ..Default::default()
