@@ -551,6 +551,9 @@ async fn delete_removes_sandbox_for_each_driver_and_qos() -> Result<()> {
                 .context("no process in the container cgroup")?
                 .parse()?;
             let netns = pod.netns().context("no pod network namespace")?;
+            // A host command placed in the pod (harness helper) sees the pod's address.
+            let out = pod.command("ip")?.args(["-4", "-o", "addr"]).output()?;
+            ensure!(text(&out.stdout).contains(&format!("inet {}/32", pod.ip)));
 
             ns.delete_pod(&name).await?;
             wait_until("the pod's sandbox to go", Duration::from_secs(30), || {

@@ -100,6 +100,15 @@ pub struct NodeInfo {
     pub netns: String,
 }
 
+impl NodeInfo {
+    /// The node's network namespace (its host network), e.g. to run a node agent there.
+    pub fn netns_handle(&self) -> topology::Netns {
+        topology::Netns {
+            name: self.netns.clone(),
+        }
+    }
+}
+
 /// The node layout `up` makes: node k is `tgc-node<k>` at 10.77.0.(20+k); odd nodes use
 /// the systemd cgroup driver, even nodes cgroupfs, so both layouts are always exercised.
 pub fn nodes() -> Vec<NodeInfo> {

@@ -26,7 +26,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 
 use super::controlplane::{self, Layout, NodeInfo};
-use crate::topology::{pod_cgroup_relpath, QosClass};
+use crate::topology::{pod_cgroup_relpath, Netns, QosClass};
 
 /// The running control plane (started or reused once per test process).
 #[derive(Debug)]
@@ -455,6 +455,27 @@ impl RunningPod {
             self.qos,
             &self.uid,
         )))
+    }
+
+    /// The container cgroup (`<pod cgroup>/cri-containerd-<id>.scope` or `<pod
+    /// cgroup>/<id>`), where the pod's processes run.
+    pub fn container_cgroup(&self) -> Result<PathBuf> {
+        let pod_cgroup = self.pod_cgroup()?;
+        std::fs::read_dir(&pod_cgroup)
+            .with_context(|| format!("listing {}", pod_cgroup.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .with_context(|| format!("no container cgroup in {}", pod_cgroup.display()))
+    }
+
+    /// A host command that runs inside the pod: its network namespace and container
+    /// cgroup (not its mount namespace), without going through the API server.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let netns = Netns {
+            name: self.netns().context("the pod has no network namespace")?,
+        };
+        netns.command_in_cgroup(&self.container_cgroup()?, program)
     }
 
     /// The pod's network namespace name (`tgc-n<k>-p<n>-<pod>`), when it exists.
