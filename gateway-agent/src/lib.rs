@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod app;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
