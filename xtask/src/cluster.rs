@@ -1,10 +1,10 @@
 //! `cargo xtask cluster up|down|status|env`: the local control plane.
 //!
-//! The work is done by `tollgate_tests::cluster::controlplane`, the same code that
+//! The work is done by `tollgate_harness::cluster::controlplane`, the same code that
 //! `Cluster::shared()` runs in tests, so both always agree on layout and state.
 
 use anyhow::{bail, Result};
-use tollgate_tests::cluster::controlplane::{self, Layout};
+use tollgate_harness::cluster::controlplane::{self, Layout};
 
 #[derive(clap::Args)]
 pub struct ClusterArgs {
@@ -79,13 +79,13 @@ fn print_env(layout: &Layout) {
     println!("TOLLGATE_API_URL={}", layout.api_url());
     println!(
         "TOLLGATE_API_SERVER_IN_TOPOLOGY=https://{}:{}",
-        tollgate_tests::topology::API_SERVER_IP,
-        tollgate_tests::topology::API_SERVER_PORT
+        tollgate_harness::topology::API_SERVER_IP,
+        tollgate_harness::topology::API_SERVER_PORT
     );
     println!(
         "TOLLGATE_CLUSTER_IP=https://{}:{}",
-        tollgate_tests::topology::CLUSTER_IP,
-        tollgate_tests::topology::CLUSTER_PORT
+        tollgate_harness::topology::CLUSTER_IP,
+        tollgate_harness::topology::CLUSTER_PORT
     );
     println!("TOLLGATE_STATE={}", layout.state.display());
     println!("TOLLGATE_BIN_CACHE={}", layout.cache_bin.display());

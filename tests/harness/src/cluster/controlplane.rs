@@ -141,7 +141,8 @@ pub struct Binaries {
 }
 
 fn go_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("go")
+    // The harness crate is tests/harness; the Go modules are tests/go.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../go")
 }
 
 /// A short hash of the files a binary is built from, so an edit rebuilds it.

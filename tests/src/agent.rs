@@ -1,0 +1,310 @@
+//! The Tollgate agent on a simulated node, as the DaemonSet would run it: in the node's
+//! network namespace, in a host cgroup of its own, with the serving certificate issued
+//! from the cluster CA (`certs issue`), the RBAC of `deploy/rbac.yaml`, a policy file,
+//! and its kernel programs attached to the node's cgroup root.
+//!
+//! The binary is the test package's `tg-agent` (the same CLI as `gateway-agent`, built
+//! from this tree), passed in by the suites as `env!("CARGO_BIN_EXE_tg-agent")`.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cluster::controlplane::{self, NodeInfo};
+use crate::cluster::Cluster;
+use crate::topology::{self, Netns, API_SERVER_IP, API_SERVER_PORT};
+
+/// The port the proxy listens on, on the node's pod-facing address and loopback.
+pub const PROXY_PORT: u16 = 15443;
+/// The agent's admin port (loopback inside the node namespace).
+pub const ADMIN_PORT: u16 = 15090;
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The `tg-agent` binary.
+    pub bin: PathBuf,
+    /// Node number (1-based).
+    pub node: u8,
+    /// The policy document.
+    pub policy: String,
+    /// `--classify-timeout`.
+    pub classify_timeout: Duration,
+}
+
+impl AgentOptions {
+    pub fn new(bin: &str, node: u8, policy: &str) -> AgentOptions {
+        AgentOptions {
+            bin: PathBuf::from(bin),
+            node,
+            policy: policy.to_owned(),
+            classify_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A policy that allows everything (what the agent does with no rule matching).
+pub const ALLOW_ALL: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\ndefault: allow\n";
+
+/// A running agent; stopped, and its kernel programs removed, when dropped.
+pub struct RunningAgent {
+    child: Option<Child>,
+    pub bin: PathBuf,
+    pub node: NodeInfo,
+    pub dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub log: PathBuf,
+    pub policy_file: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl RunningAgent {
+    /// Starts the agent on `options.node` and waits until `/readyz` says ready.
+    pub fn start(cluster: &Cluster, options: AgentOptions) -> Result<RunningAgent> {
+        let node = controlplane::nodes()
+            .into_iter()
+            .find(|n| n.index == options.node)
+            .with_context(|| format!("no node {}", options.node))?;
+        let id = topology::unique_id();
+        let dir = std::env::temp_dir().join(format!("tollgate-agent-{id}"));
+        fs::create_dir_all(&dir)?;
+        let pki = cluster.layout.pki();
+
+        // The agent's credentials: deploy/rbac.yaml, and a token for its account.
+        let rbac = workspace_root().join("deploy/rbac.yaml");
+        cluster.kubectl_ok(&["apply", "-f", rbac.to_str().context("path")?])?;
+        let token = cluster
+            .kubectl_ok(&[
+                "create",
+                "token",
+                "tollgate-agent",
+                "-n",
+                "tollgate-system",
+                "--duration=2h",
+            ])?
+            .trim()
+            .to_owned();
+        let kubeconfig = dir.join("agent.kubeconfig");
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: tgc\n  cluster:\n    server: https://{API_SERVER_IP}:{API_SERVER_PORT}\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: agent\n  context: {{cluster: tgc, user: agent}}\ncurrent-context: agent\n",
+                pki.join("ca.crt").display()
+            ),
+        )?;
+
+        // The serving certificate, from the cluster CA, as an operator would issue it.
+        let tls = dir.join("tls");
+        run(Command::new(&options.bin).args([
+            "certs",
+            "issue",
+            "--ca-cert",
+            pki.join("ca.crt").to_str().context("path")?,
+            "--ca-key",
+            pki.join("ca.key").to_str().context("path")?,
+            "--out",
+            tls.to_str().context("path")?,
+            "--extra-san",
+            &API_SERVER_IP.to_string(),
+        ]))?;
+
+        let policy_file = dir.join("policy.yaml");
+        fs::write(&policy_file, &options.policy)?;
+
+        let cgroup = controlplane::cgroup_root()?
+            .join("system.slice")
+            .join(format!("tollgate-agent-{}.service", node.name));
+        fs::create_dir_all(&cgroup)?;
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}"));
+        let log = dir.join("agent.log");
+        let pod_gateway = Ipv4Addr::new(10, 244, node.index, 1);
+        let mut cmd = node
+            .netns_handle()
+            .command_in_cgroup(&cgroup, &options.bin)?;
+        cmd.args(["run", "--node-name", &node.name])
+            .args(["--proxy-address", &pod_gateway.to_string()])
+            .args(["--proxy-port", &PROXY_PORT.to_string()])
+            .arg("--tls-cert")
+            .arg(tls.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(tls.join("tls.key"))
+            .arg("--cluster-ca")
+            .arg(pki.join("ca.crt"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--policy-file")
+            .arg(&policy_file)
+            .arg("--cgroup-root")
+            .arg(controlplane::cgroup_root()?)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .args(["--admin-address", &format!("127.0.0.1:{ADMIN_PORT}")])
+            .args([
+                "--classify-timeout",
+                &format!("{}ms", options.classify_timeout.as_millis()),
+            ])
+            .env("RUST_LOG", "info,gateway_agent=debug")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(fs::File::create(&log)?.try_clone()?);
+        // Both stdout and stderr go to the log (the second handle appends after the first).
+        let child = cmd.spawn().context("starting the agent")?;
+        let mut agent = RunningAgent {
+            child: Some(child),
+            bin: options.bin,
+            node,
+            dir,
+            bpffs,
+            log,
+            policy_file,
+            cgroup,
+        };
+        agent.wait_ready(Duration::from_secs(60))?;
+        Ok(agent)
+    }
+
+    /// Polls `/readyz` until it answers 200, failing early if the agent exits.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "the agent exited ({status}) before it was ready:\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if let Ok((200, _)) = self.admin_get("/readyz") {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "the agent was not ready after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET on the admin port (inside the node's namespace): status code and body.
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get_in(
+            &self.node.netns_handle(),
+            SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            path,
+        )
+    }
+
+    /// The value of one Prometheus sample line (`name{labels}`), 0 when absent.
+    pub fn metric(&self, sample: &str) -> Result<f64> {
+        let (_, text) = self.admin_get("/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0))
+    }
+
+    /// Replaces the policy file (the agent reloads it within seconds).
+    pub fn set_policy(&self, policy: &str) -> Result<()> {
+        let tmp = self.policy_file.with_extension("tmp");
+        fs::write(&tmp, policy)?;
+        fs::rename(&tmp, &self.policy_file)?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the agent process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Stops the agent (SIGTERM, then SIGKILL after 10s). The kernel programs stay
+    /// pinned, as on a real restart.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new(&self.bin)
+            .args(["datapath", "uninstall", "--bpffs"])
+            .arg(&self.bpffs)
+            .stdout(Stdio::null())
+            .status();
+        let _ = fs::remove_dir(&self.bpffs);
+        let _ = fs::remove_dir(&self.cgroup);
+        if std::thread::panicking() {
+            eprintln!("agent log ({}):\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET from inside a network namespace.
+pub fn http_get_in(netns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream =
+        netns.run_in(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
