@@ -75,6 +75,10 @@ impl KernelMaps for SharedDatapath {
     fn set_targets(&mut self, targets: &[SocketAddr]) -> Result<(), String> {
         self.lock().set_targets(targets).map_err(|e| e.to_string())
     }
+
+    fn sync_pod_parents(&mut self) -> Result<usize, String> {
+        self.lock().sync_pod_parents().map_err(|e| e.to_string())
+    }
 }
 
 impl OriginLookup for SharedDatapath {

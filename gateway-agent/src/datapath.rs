@@ -341,7 +341,10 @@ impl Datapath {
         for rel in PODS_PARENTS {
             let path = self.config.cgroup_root.join(rel);
             if let Ok(meta) = fs::metadata(&path) {
-                self.set_cgroup(meta.ino(), CgroupClass::PodsParent)?;
+                // Called periodically: write only what is not there yet.
+                if self.cgroups.get(&meta.ino(), 0).ok() != Some(CgroupClass::PodsParent as u32) {
+                    self.set_cgroup(meta.ino(), CgroupClass::PodsParent)?;
+                }
                 n += 1;
             }
         }

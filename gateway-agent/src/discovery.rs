@@ -50,6 +50,9 @@ pub trait KernelMaps: Send + 'static {
     fn set_pod(&mut self, cgroup_id: u64, enforcement: Enforcement) -> Result<(), String>;
     fn remove_pod(&mut self, cgroup_id: u64) -> Result<(), String>;
     fn set_targets(&mut self, targets: &[SocketAddr]) -> Result<(), String>;
+    /// Marks kubelet's `kubepods` parent cgroups, which appear lazily (with the first
+    /// pod), so pods not yet classified are recognised as pods.
+    fn sync_pod_parents(&mut self) -> Result<usize, String>;
 }
 
 /// The read side for the proxy: pods by cgroup id, and a way to wait for one.
@@ -276,7 +279,11 @@ impl<K: KernelMaps> Owner<K> {
                     self.lists_done.insert("endpointslices");
                 }
             }
-            Update::Retry => {}
+            Update::Retry => {
+                if let Err(err) = self.kernel.sync_pod_parents() {
+                    warn!(%err, "marking the kubepods parent cgroups failed");
+                }
+            }
         }
         self.reconcile();
     }

@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -122,12 +122,12 @@ impl RunningAgent {
         fs::create_dir_all(&cgroup)?;
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}"));
         let log = dir.join("agent.log");
-        let pod_gateway = Ipv4Addr::new(10, 244, node.index, 1);
         let mut cmd = node
             .netns_handle()
             .command_in_cgroup(&cgroup, &options.bin)?;
         cmd.args(["run", "--node-name", &node.name])
-            .args(["--proxy-address", &pod_gateway.to_string()])
+            // The node's address: pods reach it through their default route.
+            .args(["--proxy-address", &node.ip.to_string()])
             .args(["--proxy-port", &PROXY_PORT.to_string()])
             .arg("--tls-cert")
             .arg(tls.join("tls.crt"))

@@ -47,6 +47,13 @@ pub const SUITES: &[Suite] = &[
         cargo_args: &["--package", "tollgate-tests", "--test", "cluster"],
         harness_args: &["--test-threads=3"],
     },
+    Suite {
+        name: "proxy",
+        about: "the agent on a simulated node in front of the real API server: kubectl in enforced pods, policy, identity, bad input (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "proxy"],
+        // One agent per test on node 1: tests take turns.
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {

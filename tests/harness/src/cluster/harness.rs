@@ -178,6 +178,8 @@ pub struct PodOptions {
     pub env: Vec<(String, String)>,
     /// Keep the container's stdin open (spec.containers[0].stdin), for `kubectl attach -i`.
     pub stdin: bool,
+    /// Pod labels (e.g. `tollgate.dev/enforce: "true"`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PodOptions {
@@ -190,6 +192,7 @@ impl PodOptions {
             qos: QosClass::BestEffort,
             env: Vec::new(),
             stdin: false,
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -316,6 +319,7 @@ impl TestNamespace {
         let pod = Pod {
             metadata: ObjectMeta {
                 name: Some(opts.name.clone()),
+                labels: (!opts.labels.is_empty()).then(|| opts.labels.clone()),
                 ..Default::default()
             },
             spec: Some(PodSpec {
