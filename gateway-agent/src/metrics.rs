@@ -19,7 +19,8 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
-    /// `enforced`, `exempt` (spliced at L4), `unattributed` (refused).
+    /// `enforced`, `exempt` (spliced at L4), `unattributed` (refused), and
+    /// `awaited_discovery` (also counted) when the pod was not classified on arrival.
     pub kind: &'static str,
 }
 

@@ -54,6 +54,9 @@ pub const ALLOW_ALL: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nde
 /// A running agent; stopped, and its kernel programs removed, when dropped.
 pub struct RunningAgent {
     child: Option<Child>,
+    /// One agent per node at a time, across test processes (suites, the benchmark):
+    /// two would both attach to the node's cgroups. An flock, released on drop.
+    _node_lock: fs::File,
     pub bin: PathBuf,
     pub node: NodeInfo,
     pub dir: PathBuf,
@@ -70,6 +73,7 @@ impl RunningAgent {
             .into_iter()
             .find(|n| n.index == options.node)
             .with_context(|| format!("no node {}", options.node))?;
+        let node_lock = lock_node(&cluster.layout.state, &node.name)?;
         let id = topology::unique_id();
         let dir = std::env::temp_dir().join(format!("tollgate-agent-{id}"));
         fs::create_dir_all(&dir)?;
@@ -157,6 +161,7 @@ impl RunningAgent {
         let child = cmd.spawn().context("starting the agent")?;
         let mut agent = RunningAgent {
             child: Some(child),
+            _node_lock: node_lock,
             bin: options.bin,
             node,
             dir,
@@ -264,6 +269,33 @@ impl Drop for RunningAgent {
         if std::thread::panicking() {
             eprintln!("agent log ({}):\n{}", self.log.display(), self.log_text());
         }
+    }
+}
+
+/// Takes the node's agent lock, waiting (bounded) while another test process holds it.
+fn lock_node(state: &Path, node: &str) -> Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = state.parent().unwrap_or(state);
+    let path = dir.join(format!("agent-{node}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let started = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "another agent has held node {node} for 10 minutes ({})",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

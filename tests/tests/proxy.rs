@@ -7,9 +7,11 @@
 //! the in-pod defaults (the service-account files and KUBERNETES_SERVICE_HOST/PORT).
 
 use std::process::Output;
+use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use tollgate_tests::agent::{AgentOptions, RunningAgent, ALLOW_ALL};
+use tollgate_tests::cluster::harness::wait_until;
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
@@ -144,4 +146,350 @@ async fn enforced_pods_work_like_exempt_pods() {
         eprintln!("{}", agent.log_text());
     }
     drop(ns);
+}
+
+fn policy_with(rules: &str) -> String {
+    format!("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n{rules}")
+}
+
+const DENY_CONFIGMAP_DELETES: &str = "  - name: no-configmap-deletes
+    action: deny
+    reason: agents may not delete ConfigMaps; ask a person
+    request:
+      verbs: [delete, deletecollection]
+      resources: [configmaps]
+";
+
+const DENY_CONFIGMAP_LISTS: &str = "  - name: no-configmap-lists
+    action: deny
+    reason: listing ConfigMaps is not for agents
+    request:
+      verbs: [list]
+      resources: [configmaps]
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deny_rule_reads_as_forbidden_with_its_reason() {
+    let agent = agent(&policy_with(DENY_CONFIGMAP_DELETES));
+    let ns = namespace("proxy-deny").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    ok(
+        kubectl_in(
+            &pod,
+            &["create", "configmap", "keep-me", "--from-literal=a=b"],
+        ),
+        "create",
+    );
+    let out = kubectl_in(&pod, &["delete", "configmap", "keep-me"]);
+    assert!(!out.status.success(), "the delete was not refused");
+    let err = stderr(&out);
+    assert!(
+        err.contains("Error from server (Forbidden)")
+            && err.contains("agents may not delete ConfigMaps; ask a person")
+            && err.contains("no-configmap-deletes"),
+        "kubectl said: {err}"
+    );
+    // The object is still there (checked with the admin's credentials, not through
+    // Tollgate).
+    Cluster::shared()
+        .kubectl_ok(&["get", "configmap", "keep-me", "-n", &ns.name])
+        .expect("the ConfigMap survived");
+    assert_eq!(proxied(&agent, "delete", "refused", 403), 1.0);
+
+    // An exempt pod is not subject to the gateway's policy (RBAC still applies).
+    let exempt = sleeper(&ns, "exempt", false).await;
+    ok(
+        kubectl_in(&exempt, &["delete", "configmap", "keep-me"]),
+        "delete from the exempt pod",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_from_another_pod_is_refused() {
+    let agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-stolen").await;
+    let thief = sleeper(&ns, "thief", true).await;
+    let victim = sleeper(&ns, "victim", false).await;
+    // A token the API server accepts (same service account, even), but bound to the
+    // victim pod.
+    let stolen = ns.token("agent", &[], Some(&victim)).await.expect("token");
+    let token_arg = format!("--token={stolen}");
+    let out = kubectl_in(&thief, &[&token_arg, "get", "configmaps"]);
+    assert!(!out.status.success(), "the stolen token was accepted");
+    assert!(
+        stderr(&out).contains("Error from server (Forbidden)"),
+        "kubectl said: {}",
+        stderr(&out)
+    );
+    // kubectl's discovery calls drop the Status message (client-go reads discovery
+    // errors as raw bytes); a plain request shows what Tollgate said.
+    let path = format!("/api/v1/namespaces/{}/configmaps", ns.name);
+    let out = kubectl_in(&thief, &[&token_arg, "get", "--raw", &path]);
+    assert!(!out.status.success(), "the stolen token was accepted");
+    let err = stderr(&out);
+    assert!(
+        err.contains("Error from server (Forbidden)")
+            && err.contains("issued to pod \"victim\"")
+            && err.contains(&format!("{}/thief", ns.name)),
+        "kubectl said: {err}"
+    );
+    // The refusal is in the agent's log, with the pod it came from.
+    let log = agent.log_text();
+    assert!(
+        log.contains("token used from the wrong pod"),
+        "not recorded in the log:\n{log}"
+    );
+    // The thief's own token still works.
+    ok(kubectl_in(&thief, &["get", "configmaps"]), "own token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_label_added_or_removed_on_a_running_pod_applies_to_its_next_connection() {
+    let _agent = agent(&policy_with(DENY_CONFIGMAP_LISTS));
+    let ns = namespace("proxy-label").await;
+    let pod = sleeper(&ns, "relabelled", false).await;
+    ok(
+        kubectl_in(&pod, &["get", "configmaps"]),
+        "list while exempt",
+    );
+
+    let cluster = Cluster::shared();
+    cluster
+        .kubectl_ok(&[
+            "label",
+            "pod",
+            "relabelled",
+            "-n",
+            &ns.name,
+            "tollgate.dev/enforce=true",
+        ])
+        .expect("label");
+    wait_until("the label to be enforced", Duration::from_secs(20), || {
+        let out = kubectl_in(&pod, &["get", "configmaps"]);
+        !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
+    })
+    .expect("enforced after labelling");
+
+    cluster
+        .kubectl_ok(&[
+            "label",
+            "pod",
+            "relabelled",
+            "-n",
+            &ns.name,
+            "tollgate.dev/enforce-",
+        ])
+        .expect("unlabel");
+    wait_until(
+        "the pod to be exempt again",
+        Duration::from_secs(20),
+        || kubectl_in(&pod, &["get", "configmaps"]).status.success(),
+    )
+    .expect("exempt after the label is removed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_label_enforces_every_pod_in_it() {
+    let _agent = agent(&policy_with(DENY_CONFIGMAP_LISTS));
+    let ns = namespace("proxy-nslabel").await;
+    let cluster = Cluster::shared();
+    cluster
+        .kubectl_ok(&["label", "namespace", &ns.name, "tollgate.dev/enforce=true"])
+        .expect("label namespace");
+    // The pod even asks to be left alone; the namespace wins.
+    let mut opts = PodOptions::new("optout", 1, &["sleep", "3600"]);
+    opts.service_account = Some("agent".into());
+    opts.labels
+        .insert("tollgate.dev/enforce".into(), "false".into());
+    let pod = ns.run_pod(opts).await.expect("pod");
+    wait_until(
+        "the namespace label to be enforced",
+        Duration::from_secs(20),
+        || {
+            let out = kubectl_in(&pod, &["get", "configmaps"]);
+            !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
+        },
+    )
+    .expect("enforced by the namespace label");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_connecting_before_discovery_knows_it_is_still_enforced() {
+    let agent = agent(&policy_with(DENY_CONFIGMAP_LISTS));
+    let ns = namespace("proxy-early").await;
+    // The pod's very first act is a list; it races the agent's discovery of the pod.
+    let mut opts = PodOptions::new(
+        "early",
+        1,
+        &[
+            "sh",
+            "-c",
+            "kubectl get configmaps; echo exit=$?; sleep 3600",
+        ],
+    );
+    opts.service_account = Some("agent".into());
+    opts.labels
+        .insert("tollgate.dev/enforce".into(), "true".into());
+    let pod = ns.run_pod(opts).await.expect("pod");
+    let cluster = Cluster::shared();
+    wait_until(
+        "the pod's first command to finish",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .kubectl_ok(&["logs", "-n", &ns.name, &pod.name])
+                .map(|log| log.contains("exit="))
+                .unwrap_or(false)
+        },
+    )
+    .expect("first command done");
+    let log = cluster
+        .kubectl_ok(&["logs", "-n", &ns.name, &pod.name])
+        .expect("logs");
+    assert!(
+        log.contains("listing ConfigMaps is not for agents") && log.contains("exit=1"),
+        "the pod's first request was not enforced:\n{log}"
+    );
+    eprintln!(
+        "connections that waited for discovery: {}",
+        agent
+            .metric("tollgate_connections_total{kind=\"awaited_discovery\"}")
+            .unwrap_or(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
+    let agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-verbs").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    let cluster = Cluster::shared();
+
+    // Watch: once the watch is open (the proxy has answered it), a change made
+    // elsewhere arrives on it.
+    let mut watch = pod
+        .kubectl_exec_child(
+            cluster,
+            &["kubectl", "get", "configmaps", "-w", "-o", "name"],
+        )
+        .expect("watch starts");
+    wait_until("the watch to be open", Duration::from_secs(20), || {
+        proxied(&agent, "watch", "allow", 200) >= 1.0
+    })
+    .expect("watch request proxied");
+    let seen = watch.wait_for_line(
+        || {
+            cluster
+                .kubectl_ok(&[
+                    "create",
+                    "configmap",
+                    "watched",
+                    "-n",
+                    &ns.name,
+                    "--from-literal=a=b",
+                ])
+                .expect("create");
+        },
+        "configmap/watched",
+        Duration::from_secs(20),
+    );
+    assert!(
+        seen,
+        "the watch did not deliver the new ConfigMap: {:?}",
+        watch.seen
+    );
+    drop(watch);
+
+    // Apply, client-side and server-side, from a manifest file.
+    let manifest = std::env::temp_dir().join(format!("tollgate-apply-{}.yaml", ns.name));
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: {}\ndata:\n  k: one\n",
+            ns.name
+        ),
+    )
+    .unwrap();
+    let path = manifest.to_str().unwrap();
+    ok(
+        kubectl_in(&pod, &["apply", "-f", path]),
+        "client-side apply",
+    );
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: {}\ndata:\n  k: two\n",
+            ns.name
+        ),
+    )
+    .unwrap();
+    ok(
+        kubectl_in(
+            &pod,
+            &["apply", "--server-side", "--force-conflicts", "-f", path],
+        ),
+        "server-side apply",
+    );
+    let value = cluster
+        .kubectl_ok(&[
+            "get",
+            "configmap",
+            "applied",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.data.k}",
+        ])
+        .unwrap();
+    assert_eq!(value, "two");
+    let _ = std::fs::remove_file(&manifest);
+
+    // Delete.
+    ok(
+        kubectl_in(&pod, &["delete", "configmap", "applied"]),
+        "delete",
+    );
+    assert!(cluster
+        .kubectl_ok(&["get", "configmap", "applied", "-n", &ns.name])
+        .is_err());
+
+    // Logs (streamed) and exec into another pod, from the enforced pod.
+    let mut target = PodOptions::new(
+        "target",
+        1,
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 600 ]; do echo line-$i; i=$((i+1)); sleep 0.1; done",
+        ],
+    );
+    target.service_account = Some("agent".into());
+    ns.run_pod(target).await.expect("target pod");
+    let mut follow = pod
+        .kubectl_exec_child(cluster, &["kubectl", "logs", "-f", "target"])
+        .expect("logs -f starts");
+    assert!(
+        follow.wait_for_line(|| {}, "line-20", Duration::from_secs(30)),
+        "logs -f did not stream"
+    );
+    let out = ok(
+        kubectl_in(&pod, &["exec", "target", "--", "echo", "hello from exec"]),
+        "exec through the proxy",
+    );
+    assert_eq!(out.trim(), "hello from exec");
+    let out = pod.kubectl_exec(
+        cluster,
+        &[],
+        &[
+            "env",
+            "KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
+            "kubectl",
+            "exec",
+            "target",
+            "--",
+            "echo",
+            "over spdy",
+        ],
+    );
+    assert_eq!(ok(out, "exec over SPDY").trim(), "over spdy");
 }

@@ -85,11 +85,22 @@ impl<R: TokenReviewer, O: OriginLookup> Acceptor<R, O> {
                 return;
             }
         };
-        let Some(pod) = self
-            .directory
-            .wait_for(origin.pod_cgroup_id, self.classify_timeout)
-            .await
-        else {
+        let pod = match self.directory.get(origin.pod_cgroup_id) {
+            Some(pod) => Some(pod),
+            None => {
+                // The pod connected before discovery classified it (a pod's first
+                // connection can beat its watch event): wait, bounded.
+                self.count("awaited_discovery");
+                info!(
+                    cgroup = origin.pod_cgroup_id,
+                    "pod not classified yet; waiting for discovery"
+                );
+                self.directory
+                    .wait_for(origin.pod_cgroup_id, self.classify_timeout)
+                    .await
+            }
+        };
+        let Some(pod) = pod else {
             // Fail closed: a pod we cannot identify does not reach the API server.
             self.count("unattributed");
             warn!(

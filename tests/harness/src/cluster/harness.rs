@@ -515,6 +515,79 @@ impl RunningPod {
     }
 }
 
+/// A long-running `kubectl exec` (a watch, `logs -f`) whose output a test reads line by
+/// line; killed when dropped.
+pub struct StreamingExec {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl StreamingExec {
+    /// Runs `action` once, then reads lines until one contains `needle` (true) or
+    /// `timeout` passes (false).
+    pub fn wait_for_line(
+        &mut self,
+        action: impl FnOnce(),
+        needle: &str,
+        timeout: Duration,
+    ) -> bool {
+        action();
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for StreamingExec {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RunningPod {
+    /// Starts `kubectl exec` (admin kubeconfig) of `cmd` in the pod and streams its
+    /// standard output.
+    pub fn kubectl_exec_child(&self, cluster: &Cluster, cmd: &[&str]) -> Result<StreamingExec> {
+        use std::io::BufRead;
+        let mut child = cluster
+            .kubectl()
+            .args(["exec", "-n", &self.namespace, &self.name, "--"])
+            .args(cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kubectl exec")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(StreamingExec {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+}
+
 /// Polls `check` every 100ms until it returns true or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let started = Instant::now();
