@@ -492,4 +492,220 @@ async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
         ],
     );
     assert_eq!(ok(out, "exec over SPDY").trim(), "over spdy");
+
+    // Port-forward from the enforced pod to a server in another pod.
+    let mut server = PodOptions::new(
+        "server",
+        1,
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            "/etc",
+        ],
+    );
+    server.service_account = Some("agent".into());
+    ns.run_pod(server).await.expect("server pod");
+    // (Killing the local `kubectl exec` leaves the in-pod port-forward running, so each
+    // transport gets a port of its own.)
+    for (transport, port) in [("true", 18080), ("false", 18081)] {
+        let mut forward = pod
+            .kubectl_exec_child(
+                cluster,
+                &[
+                    "env",
+                    &format!("KUBECTL_PORT_FORWARD_WEBSOCKETS={transport}"),
+                    "kubectl",
+                    "port-forward",
+                    "server",
+                    &format!("{port}:8080"),
+                ],
+            )
+            .expect("port-forward starts");
+        assert!(
+            forward.wait_for_line(
+                || {},
+                &format!("Forwarding from 127.0.0.1:{port}"),
+                Duration::from_secs(20)
+            ),
+            "port-forward did not start: {:?}",
+            forward.seen
+        );
+        let mut fetched = String::new();
+        wait_until(
+            "the forwarded port to answer",
+            Duration::from_secs(20),
+            || {
+                let out = pod.kubectl_exec(
+                    cluster,
+                    &[],
+                    &[
+                        "curl",
+                        "-s",
+                        "--max-time",
+                        "5",
+                        &format!("http://127.0.0.1:{port}/hostname"),
+                    ],
+                );
+                fetched = stdout(&out);
+                out.status.success() && !fetched.is_empty()
+            },
+        )
+        .unwrap_or_else(|e| panic!("port-forward (websockets={transport}): {e}"));
+        let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        assert_eq!(fetched.trim(), hostname.trim());
+    }
+}
+
+/// Runs a shell snippet inside the pod (its namespaces, cgroup and service-account
+/// files) that ends in one curl call printing the body and then the status code.
+fn curl_in(pod: &RunningPod, snippet: &str) -> (u16, serde_json::Value) {
+    let script = format!(
+        "T=/var/run/secrets/kubernetes.io/serviceaccount; \
+         C=\"--cacert $T/ca.crt -sS -w \\n%{{http_code}}\"; {snippet}"
+    );
+    let out = pod.kubectl_exec(Cluster::shared(), &[], &["sh", "-c", &script]);
+    let text = stdout(&out);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    if std::env::var_os("TOLLGATE_DEBUG_CURL").is_some() {
+        eprintln!("curl stderr: {}", stderr(&out));
+    }
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no status code in {text:?} ({})", stderr(&out)));
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (code, json)
+}
+
+fn assert_status(got: (u16, serde_json::Value), code: u16, reason: &str, what: &str) {
+    let (got_code, body) = got;
+    assert_eq!(got_code, code, "{what}: {body}");
+    assert_eq!(body["kind"], "Status", "{what}: not a Status: {body}");
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert_eq!(body["reason"], reason, "{what}: {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: no message: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_status_and_the_agent_keeps_serving() {
+    let mut agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-bad").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    let url = format!("https://10.96.0.1/api/v1/namespaces/{}/configmaps", ns.name);
+    let auth = "-H \"Authorization: Bearer $(cat $T/token)\"";
+
+    assert_status(
+        curl_in(
+            &pod,
+            &format!("curl $C -H 'Authorization: Bearer not-a-token' {url}"),
+        ),
+        401,
+        "Unauthorized",
+        "invalid token",
+    );
+    assert_status(
+        curl_in(&pod, &format!("curl $C {url}")),
+        401,
+        "Unauthorized",
+        "no token",
+    );
+    // Oversized headers: a Status over HTTP/1.1. (Over HTTP/2 the h2 layer resets the
+    // stream before the request reaches Tollgate; the agent goes on serving.)
+    let big_header = "H=$(head -c 70000 /dev/zero | tr '\\0' a)";
+    assert_status(
+        curl_in(
+            &pod,
+            &format!("{big_header}; curl $C --http1.1 {auth} -H \"X-Big: $H\" {url}"),
+        ),
+        400,
+        "BadRequest",
+        "oversized headers",
+    );
+    let _ = curl_in(
+        &pod,
+        &format!("{big_header}; curl $C {auth} -H \"X-Big: $H\" {url}"),
+    );
+    let big = std::env::temp_dir().join(format!("tollgate-big-{}", ns.name));
+    std::fs::write(&big, vec![b'a'; 4 * 1024 * 1024]).unwrap();
+    for protocol in ["--http1.1", "--http2"] {
+        assert_status(
+            curl_in(
+                &pod,
+                &format!(
+                    "curl $C {protocol} {auth} -H 'Content-Type: application/json' --data-binary @{} {url}",
+                    big.display()
+                ),
+            ),
+            413,
+            "RequestEntityTooLarge",
+            &format!("oversized body (Content-Length, {protocol})"),
+        );
+    }
+    assert_status(
+        curl_in(
+            &pod,
+            &format!(
+                "cat {} | curl $C --http1.1 {auth} -H 'Content-Type: application/json' -H 'Transfer-Encoding: chunked' --data-binary @- {url}",
+                big.display()
+            ),
+        ),
+        413,
+        "RequestEntityTooLarge",
+        "oversized body (chunked)",
+    );
+    let _ = std::fs::remove_file(&big);
+    // Invalid JSON reaches the API server, whose own Status comes back.
+    assert_status(
+        curl_in(
+            &pod,
+            &format!("curl $C {auth} -H 'Content-Type: application/json' -d '{{\"kind\": ' {url}"),
+        ),
+        400,
+        "BadRequest",
+        "invalid JSON",
+    );
+    assert_status(
+        curl_in(
+            &pod,
+            &format!("curl $C {auth} --path-as-is {url}/../../kube-system/secrets"),
+        ),
+        400,
+        "BadRequest",
+        "a path with ..",
+    );
+    assert_status(
+        curl_in(&pod, &format!("curl $C {auth} {url}/a%2Fb")),
+        400,
+        "BadRequest",
+        "an encoded slash",
+    );
+    // Not HTTP at all, over TLS and in the clear.
+    let _ = pod.kubectl_exec(
+        Cluster::shared(),
+        &[],
+        &[
+            "sh",
+            "-c",
+            "printf 'GARBAGE \\000\\001\\r\\n\\r\\n' | timeout 5 openssl s_client -quiet -connect 10.96.0.1:443 >/dev/null 2>&1; \
+             printf 'NOT TLS\\r\\n\\r\\n' | timeout 5 sh -c 'cat > /dev/tcp/10.96.0.1/443' 2>/dev/null; true",
+        ],
+    );
+
+    assert!(agent.is_running(), "the agent died:\n{}", agent.log_text());
+    ok(
+        kubectl_in(&pod, &["get", "configmaps"]),
+        "a normal request afterwards",
+    );
+    assert!(proxied(&agent, "list", "allow", 200) >= 1.0);
 }

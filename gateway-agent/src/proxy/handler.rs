@@ -282,6 +282,10 @@ async fn forward<R: TokenReviewer>(
     let limit = gateway.limits.max_body_bytes;
     if let Some(length) = content_length(request.headers()) {
         if length > limit as u64 {
+            // Answer at once, but keep reading (and dropping) what the client is still
+            // sending, bounded: over HTTP/2 an unread request body resets the stream
+            // and the client would see a framing error instead of this Status.
+            tokio::spawn(discard(request.into_body(), length.min(DISCARD_LIMIT)));
             return Err(Status::request_entity_too_large(limit));
         }
     }
@@ -298,7 +302,18 @@ async fn forward<R: TokenReviewer>(
     if let Ok(ip) = HeaderValue::from_str(&connection.pod.ip) {
         parts.headers.append("x-forwarded-for", ip);
     }
-    let body: ProxyBody = Limited::new(body, limit).map_err(BoxError::from).boxed();
+    // The body streams through; if it outgrows the limit mid-way the upload fails,
+    // and this flag tells that failure apart from an unreachable API server.
+    let too_large = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = too_large.clone();
+    let body: ProxyBody = Limited::new(body, limit)
+        .map_err(move |err| {
+            if err.is::<http_body_util::LengthLimitError>() {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            err
+        })
+        .boxed();
     let upstream_request = Request::from_parts(parts, body);
 
     let response = gateway
@@ -306,10 +321,10 @@ async fn forward<R: TokenReviewer>(
         .send(connection.original_dst, upstream_request, upgrade)
         .await
         .map_err(|err| match err {
-            UpstreamError::Timeout { .. } => Status::timeout(err.to_string()),
-            UpstreamError::Unreachable { ref source, .. } if is_length_limit(source) => {
+            _ if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
                 Status::request_entity_too_large(limit)
             }
+            UpstreamError::Timeout { .. } => Status::timeout(err.to_string()),
             other => Status::service_unavailable(other.to_string()),
         })?;
 
@@ -325,6 +340,22 @@ async fn forward<R: TokenReviewer>(
         parts,
         body.map_err(BoxError::from).boxed(),
     ))
+}
+
+/// At most this much of a refused body is read and dropped.
+const DISCARD_LIMIT: u64 = 64 * 1024 * 1024;
+
+async fn discard(mut body: Incoming, mut budget: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while budget > 0 {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                budget = budget.saturating_sub(n.max(1));
+            }
+            _ => return,
+        }
+    }
 }
 
 /// After `101 Switching Protocols` both sides speak the upgraded protocol (SPDY or
@@ -354,17 +385,6 @@ fn splice_upgrade(
     );
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, empty())
-}
-
-fn is_length_limit(err: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

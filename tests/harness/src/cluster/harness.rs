@@ -516,7 +516,7 @@ impl RunningPod {
 }
 
 /// A long-running `kubectl exec` (a watch, `logs -f`) whose output a test reads line by
-/// line; killed when dropped.
+/// line (standard error lines start with `stderr: `); killed when dropped.
 pub struct StreamingExec {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -567,15 +567,26 @@ impl RunningPod {
             .args(["exec", "-n", &self.namespace, &self.name, "--"])
             .args(cmd)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting kubectl exec")?;
         let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
         let (tx, lines) = std::sync::mpsc::channel();
+        let tx_err = tx.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Standard error is kept too (prefixed), so a failure shows why.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx_err.send(format!("stderr: {line}")).is_err() {
                     break;
                 }
             }
