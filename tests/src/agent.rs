@@ -154,10 +154,10 @@ impl RunningAgent {
             ])
             .env("RUST_LOG", "info,gateway_agent=debug")
             .env_remove("KUBECONFIG")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(&log)?.try_clone()?);
-        // Both stdout and stderr go to the log (the second handle appends after the first).
+            .stdin(Stdio::null());
+        // Both streams into one log, through one open file (one offset).
+        let log_file = fs::File::create(&log)?;
+        cmd.stdout(log_file.try_clone()?).stderr(log_file);
         let child = cmd.spawn().context("starting the agent")?;
         let mut agent = RunningAgent {
             child: Some(child),

@@ -709,3 +709,110 @@ async fn bad_input_gets_a_status_and_the_agent_keeps_serving() {
     );
     assert!(proxied(&agent, "list", "allow", 200) >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_reloads_and_a_broken_version_keeps_the_old_one() {
+    let agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-reload").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    ok(kubectl_in(&pod, &["get", "configmaps"]), "allowed at first");
+
+    agent
+        .set_policy(&policy_with(DENY_CONFIGMAP_LISTS))
+        .expect("write policy");
+    wait_until("the new policy to apply", Duration::from_secs(20), || {
+        let out = kubectl_in(&pod, &["get", "configmaps"]);
+        !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
+    })
+    .expect("reloaded");
+
+    // A broken version (a misspelt field) is refused, loudly, and the rule stays.
+    agent
+        .set_policy(&policy_with(
+            "  - name: typo\n    action: allow\n    request:\n      verb: [list]\n",
+        ))
+        .expect("write policy");
+    wait_until(
+        "the broken policy to be refused",
+        Duration::from_secs(20),
+        || agent.log_text().contains("new policy refused"),
+    )
+    .expect("refusal logged");
+    let log = agent.log_text();
+    assert!(
+        log.contains("line 8 column 7") && log.contains("unknown field `verb`"),
+        "the log does not say where the problem is:\n{log}"
+    );
+    let out = kubectl_in(&pod, &["get", "configmaps"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents"),
+        "the old policy is no longer in force: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn policy_check_points_at_the_line() {
+    let dir = std::env::temp_dir().join(format!("tollgate-policy-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, policy_with(DENY_CONFIGMAP_DELETES)).unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("ok (1 rule, default allow)"),
+        "{}",
+        stdout(&out)
+    );
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        policy_with("  - name: a\n    action: approve\n    request:\n      verbs: [get, delet]\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AGENT)
+        .args(["policy", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a broken policy passed the check");
+    let err = stderr(&out);
+    assert!(
+        err.contains("policy has 2 problems")
+            && err.contains("line 6 column 13: action \"approve\" needs the approvals feature")
+            && err.contains("line 8 column 20: unknown verb \"delet\""),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cgroupfs_node_enforces_every_qos_class() {
+    let agent = RunningAgent::start(
+        Cluster::shared(),
+        AgentOptions::new(AGENT, 2, &policy_with(DENY_CONFIGMAP_LISTS)),
+    )
+    .expect("agent on node 2");
+    let ns = namespace("proxy-cgroupfs").await;
+    for qos in tollgate_tests::topology::QosClass::ALL {
+        let name = format!("{qos:?}").to_lowercase();
+        let mut opts = PodOptions::new(&name, 2, &["sleep", "3600"]);
+        opts.service_account = Some("agent".into());
+        opts.qos = qos;
+        opts.labels
+            .insert("tollgate.dev/enforce".into(), "true".into());
+        let pod = ns.run_pod(opts).await.expect("pod");
+        let out = kubectl_in(&pod, &["get", "configmaps"]);
+        assert!(
+            !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents"),
+            "{qos:?} pod on the cgroupfs node was not enforced: {}",
+            stderr(&out)
+        );
+    }
+    assert!(proxied(&agent, "list", "refused", 403) >= 3.0);
+}
