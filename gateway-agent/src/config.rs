@@ -25,12 +25,14 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub proxy_addresses: Vec<IpAddr>,
-    /// The proxy's port on those addresses (and on loopback, for host-network pods).
+    /// The proxy's port on those addresses and on loopback, for host-network pods
+    /// [default: 15443].
     #[arg(long, env = "TOLLGATE_PROXY_PORT")]
     pub proxy_port: Option<u16>,
-    /// Serving certificate and key issued from the cluster CA (`certs issue`).
+    /// Serving certificate issued from the cluster CA (`certs issue`).
     #[arg(long, env = "TOLLGATE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
+    /// Its private key.
     #[arg(long, env = "TOLLGATE_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// The cluster CA, to verify the real API server.
@@ -53,19 +55,20 @@ pub struct RunArgs {
     /// cgroup2 mount).
     #[arg(long, env = "TOLLGATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
-    /// bpffs directory for pinned programs and maps.
+    /// bpffs directory for pinned programs and maps [default: /sys/fs/bpf/tollgate].
     #[arg(long, env = "TOLLGATE_BPFFS")]
     pub bpffs: Option<PathBuf>,
-    /// Plain-HTTP address for /healthz, /readyz and /metrics.
+    /// Plain-HTTP address for /healthz, /readyz and /metrics [default: 127.0.0.1:15090].
     #[arg(long, env = "TOLLGATE_ADMIN_ADDRESS")]
     pub admin_address: Option<SocketAddr>,
-    /// How long a connection from a pod discovery does not know yet waits (e.g. 5s).
+    /// How long a connection from a pod discovery does not know yet waits before it is
+    /// refused (500ms, 5s, 1m) [default: 5s].
     #[arg(long, env = "TOLLGATE_CLASSIFY_TIMEOUT", value_parser = parse_duration)]
     pub classify_timeout: Option<Duration>,
     /// Accept service-account tokens not bound to a pod (legacy Secret tokens).
     #[arg(long, env = "TOLLGATE_ALLOW_UNBOUND_TOKENS")]
     pub allow_unbound_tokens: bool,
-    /// Largest request body forwarded, in bytes.
+    /// Largest request body forwarded, in bytes [default: 3145728, the API server's own].
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
 }

@@ -54,9 +54,10 @@ pub const ALLOW_ALL: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nde
 /// A running agent; stopped, and its kernel programs removed, when dropped.
 pub struct RunningAgent {
     child: Option<Child>,
-    /// One agent per node at a time, across test processes (suites, the benchmark):
-    /// two would both attach to the node's cgroups. An flock, released on drop.
-    _node_lock: fs::File,
+    /// One agent at a time in the cluster, across test processes (suites, the
+    /// benchmark): the simulated nodes share one cgroup root, so two agents would both
+    /// attach to every node's pods. An flock, released on drop.
+    _agents_lock: fs::File,
     pub bin: PathBuf,
     pub node: NodeInfo,
     pub dir: PathBuf,
@@ -73,7 +74,7 @@ impl RunningAgent {
             .into_iter()
             .find(|n| n.index == options.node)
             .with_context(|| format!("no node {}", options.node))?;
-        let node_lock = lock_node(&cluster.layout.state, &node.name)?;
+        let agents_lock = lock_agents(&cluster.layout.state)?;
         let id = topology::unique_id();
         let dir = std::env::temp_dir().join(format!("tollgate-agent-{id}"));
         fs::create_dir_all(&dir)?;
@@ -161,7 +162,7 @@ impl RunningAgent {
         let child = cmd.spawn().context("starting the agent")?;
         let mut agent = RunningAgent {
             child: Some(child),
-            _node_lock: node_lock,
+            _agents_lock: agents_lock,
             bin: options.bin,
             node,
             dir,
@@ -272,11 +273,11 @@ impl Drop for RunningAgent {
     }
 }
 
-/// Takes the node's agent lock, waiting (bounded) while another test process holds it.
-fn lock_node(state: &Path, node: &str) -> Result<fs::File> {
+/// Takes the cluster's agent lock, waiting (bounded) while another test process holds it.
+fn lock_agents(state: &Path) -> Result<fs::File> {
     use std::os::fd::AsRawFd;
     let dir = state.parent().unwrap_or(state);
-    let path = dir.join(format!("agent-{node}.lock"));
+    let path = dir.join("agent.lock");
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -290,10 +291,7 @@ fn lock_node(state: &Path, node: &str) -> Result<fs::File> {
             return Ok(file);
         }
         if started.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "another agent has held node {node} for 10 minutes ({})",
-                path.display()
-            );
+            bail!("another agent has run for 10 minutes ({})", path.display());
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -29,7 +29,7 @@ use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::{json, Value};
 use tollgate_tests::agent::{AgentOptions, RunningAgent, ALLOW_ALL};
-use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
+use tollgate_tests::cluster::{controlplane, Cluster, PodOptions, RunningPod, TestNamespace};
 use tollgate_tests::topology::{CLUSTER_IP, CLUSTER_PORT};
 
 /// Objects in the listed namespace.
@@ -280,6 +280,8 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
     let mut samples: BTreeMap<(&str, Route), Samples> = BTreeMap::new();
     let mut sent_to_gateway: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut list_items = BTreeMap::new();
+    // Per phase: the agent's CPU time (µs) while the gateway pod ran it, and requests.
+    let mut agent_cpu: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
     let measure_started = Instant::now();
     let total_limit = Duration::from_secs(plan.total_time_limit_s);
     let mut rounds_done = 0;
@@ -319,6 +321,7 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
                 });
                 let spec_file = dir.join(format!("{}-{}-{round}.json", phase.key, path.name()));
                 std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
+                let cpu_before = agent_cpu_us(&agent);
                 let outcome = run_load(
                     pod,
                     &load,
@@ -327,6 +330,12 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
                 )
                 .with_context(|| format!("{} through the {} path", phase.key, path.name()))?;
                 if path == Route::Gateway {
+                    if let (Some(before), Some(after)) = (cpu_before, agent_cpu_us(&agent)) {
+                        let cpu = agent_cpu.entry(phase.key).or_insert((0, 0));
+                        cpu.0 += after.saturating_sub(before);
+                        cpu.1 +=
+                            outcome.ok + outcome.errors + plan.warmup.max(1) * phase.concurrency;
+                    }
                     let sent = sent_to_gateway.entry(phase.verb).or_insert((0, 0));
                     sent.0 += outcome.ok + plan.warmup.max(1) * phase.concurrency;
                     sent.1 += outcome.errors;
@@ -391,6 +400,7 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         &list_items,
         Value::Object(proxied),
         path_check_ok,
+        &agent_cpu,
         agent_log_bytes,
         measuring_s,
         run_started.elapsed().as_secs_f64(),
@@ -515,6 +525,21 @@ fn run_load(pod: &RunningPod, load: &Path, spec: &Path, limit: Duration) -> Resu
     serde_json::from_str(out.trim()).with_context(|| format!("tg-load printed {out:?} {err}"))
 }
 
+/// CPU time (µs) the agent has used so far: `usage_usec` of the cgroup the agent
+/// harness runs it in (`system.slice/tollgate-agent-<node>.service` under the cluster's
+/// cgroup root). None when that cannot be read.
+fn agent_cpu_us(agent: &RunningAgent) -> Option<u64> {
+    let stat = controlplane::cgroup_root()
+        .ok()?
+        .join("system.slice")
+        .join(format!("tollgate-agent-{}.service", agent.node.name))
+        .join("cpu.stat");
+    std::fs::read_to_string(stat)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+}
+
 /// The proxy's allowed-request counters by verb.
 fn proxied_counts(agent: &RunningAgent) -> Result<BTreeMap<&'static str, f64>> {
     let mut counts = BTreeMap::new();
@@ -559,6 +584,7 @@ fn report(
     list_items: &BTreeMap<&str, usize>,
     proxied: Value,
     path_check_ok: bool,
+    agent_cpu: &BTreeMap<&str, (u64, usize)>,
     agent_log_bytes: u64,
     measuring_s: f64,
     total_s: f64,
@@ -665,6 +691,12 @@ fn report(
         "errors": errors,
         "proxied": proxied,
         "path_check_ok": path_check_ok,
+        // The agent's CPU time per proxied request (warm-up requests and TLS handshakes
+        // included), from its cgroup's cpu.stat.
+        "agent_cpu_us_per_request": agent_cpu
+            .iter()
+            .map(|(k, (us, n))| (k.to_string(), json!(round3(*us as f64 / (*n).max(1) as f64))))
+            .collect::<serde_json::Map<_, _>>(),
         "agent_log_bytes_during_measurement": agent_log_bytes,
         "measuring_s": round3(measuring_s),
         "total_s": round3(total_s),
@@ -734,6 +766,10 @@ fn print_table(r: &Value) {
     println!(
         "per-round ratios, get req/s at 32 clients: {}",
         r["throughput"]["get_32_clients"]["per_round_ratio"]
+    );
+    println!(
+        "agent CPU per proxied request (µs): {}",
+        r["agent_cpu_us_per_request"]
     );
     println!(
         "errors: {}; proxy counted the gateway pod's requests exactly: {}; measuring took {:.0}s, the whole run {:.0}s",
