@@ -199,11 +199,20 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
     );
 
     let cluster = Cluster::shared();
-    let agent = RunningAgent::start(
+    let mut agent = RunningAgent::start(
         cluster,
         AgentOptions::new(agent_bin.to_str().context("path")?, 1, ALLOW_ALL),
     )
     .context("starting the agent on node 1")?;
+    // `/readyz` could have been answered by another test process's agent on the same
+    // node (ours then fails to bind and exits): make sure ours is the one running.
+    std::thread::sleep(Duration::from_millis(500));
+    if !agent.is_running() {
+        bail!(
+            "the agent exited right after it seemed ready (another agent on node 1?):\n{}",
+            agent.log_text()
+        );
+    }
     println!(
         "agent ready on {} (log {})",
         agent.node.name,
@@ -274,6 +283,13 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
             requests: plan.get_concurrent,
         },
     ];
+    // The agent's own background CPU (watches, timers, log), to read the per-request
+    // figures against: it is included in them.
+    let idle_before = agent_cpu_us(&agent);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_cpu_us_per_s = idle_before
+        .zip(agent_cpu_us(&agent))
+        .map(|(b, a)| a.saturating_sub(b) as f64 / 2.0);
     let proxied_before = proxied_counts(&agent)?;
     let agent_log_before = std::fs::metadata(&agent.log).map(|m| m.len()).unwrap_or(0);
 
@@ -401,6 +417,7 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         Value::Object(proxied),
         path_check_ok,
         &agent_cpu,
+        idle_cpu_us_per_s,
         agent_log_bytes,
         measuring_s,
         run_started.elapsed().as_secs_f64(),
@@ -585,6 +602,7 @@ fn report(
     proxied: Value,
     path_check_ok: bool,
     agent_cpu: &BTreeMap<&str, (u64, usize)>,
+    idle_cpu_us_per_s: Option<f64>,
     agent_log_bytes: u64,
     measuring_s: f64,
     total_s: f64,
@@ -697,6 +715,7 @@ fn report(
             .iter()
             .map(|(k, (us, n))| (k.to_string(), json!(round3(*us as f64 / (*n).max(1) as f64))))
             .collect::<serde_json::Map<_, _>>(),
+        "agent_idle_cpu_us_per_s": idle_cpu_us_per_s.map(round3),
         "agent_log_bytes_during_measurement": agent_log_bytes,
         "measuring_s": round3(measuring_s),
         "total_s": round3(total_s),
@@ -768,8 +787,8 @@ fn print_table(r: &Value) {
         r["throughput"]["get_32_clients"]["per_round_ratio"]
     );
     println!(
-        "agent CPU per proxied request (µs): {}",
-        r["agent_cpu_us_per_request"]
+        "agent CPU per proxied request (µs, background included): {}; idle: {} µs/s",
+        r["agent_cpu_us_per_request"], r["agent_idle_cpu_us_per_s"]
     );
     println!(
         "errors: {}; proxy counted the gateway pod's requests exactly: {}; measuring took {:.0}s, the whole run {:.0}s",
