@@ -31,8 +31,12 @@ pub struct AgentOptions {
     pub bin: PathBuf,
     /// Node number (1-based).
     pub node: u8,
-    /// The policy document.
+    /// The policy document (written to a file the agent follows), unless
+    /// `policy_configmap` is set.
     pub policy: String,
+    /// Read the policy from this ConfigMap (`namespace/name`, key `policy.yaml`)
+    /// instead of a file.
+    pub policy_configmap: Option<String>,
     /// `--classify-timeout`.
     pub classify_timeout: Duration,
 }
@@ -43,6 +47,7 @@ impl AgentOptions {
             bin: PathBuf::from(bin),
             node,
             policy: policy.to_owned(),
+            policy_configmap: None,
             classify_timeout: Duration::from_secs(5),
         }
     }
@@ -142,8 +147,13 @@ impl RunningAgent {
             .arg(pki.join("ca.crt"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .arg("--policy-file")
-            .arg(&policy_file)
+            .args(match &options.policy_configmap {
+                Some(reference) => vec!["--policy-configmap".into(), reference.into()],
+                None => vec![
+                    std::ffi::OsString::from("--policy-file"),
+                    policy_file.clone().into(),
+                ],
+            })
             .arg("--cgroup-root")
             .arg(controlplane::cgroup_root()?)
             .arg("--bpffs")

@@ -816,3 +816,74 @@ async fn a_cgroupfs_node_enforces_every_qos_class() {
     }
     assert!(proxied(&agent, "list", "refused", 403) >= 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_can_live_in_a_watched_configmap() {
+    let cluster = Cluster::shared();
+    let ns = namespace("proxy-cmpolicy").await;
+    let set = |policy: &str| {
+        let file = std::env::temp_dir().join(format!("tollgate-cm-{}.yaml", ns.name));
+        std::fs::write(&file, policy).unwrap();
+        let manifest = cluster
+            .kubectl_ok(&[
+                "create",
+                "configmap",
+                "tollgate-policy",
+                "-n",
+                "tollgate-system",
+                &format!("--from-file=policy.yaml={}", file.display()),
+                "--dry-run=client",
+                "-o",
+                "yaml",
+            ])
+            .expect("render configmap");
+        std::fs::write(&file, manifest).unwrap();
+        cluster
+            .kubectl_ok(&["apply", "-f", file.to_str().unwrap()])
+            .expect("apply configmap");
+        let _ = std::fs::remove_file(&file);
+    };
+    // The namespace exists once deploy/rbac.yaml is applied; the agent applies it too.
+    cluster
+        .kubectl_ok(&[
+            "apply",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"),
+        ])
+        .expect("rbac");
+    set(&policy_with(DENY_CONFIGMAP_LISTS));
+    let mut options = AgentOptions::new(AGENT, 1, "");
+    options.policy_configmap = Some("tollgate-system/tollgate-policy".into());
+    let agent = RunningAgent::start(cluster, options).expect("agent with a ConfigMap policy");
+    let pod = sleeper(&ns, "enforced", true).await;
+    let out = kubectl_in(&pod, &["get", "configmaps"]);
+    assert!(
+        stderr(&out).contains("listing ConfigMaps is not for agents"),
+        "the ConfigMap policy is not in force: {}",
+        stderr(&out)
+    );
+
+    set("apiVersion: tollgate.dev/v1alpha1\nkind: Policy\ndefault: maybe\n");
+    wait_until(
+        "the broken ConfigMap policy to be refused",
+        Duration::from_secs(20),
+        || agent.log_text().contains("new policy refused"),
+    )
+    .expect("refusal logged");
+    assert!(stderr(&kubectl_in(&pod, &["get", "configmaps"])).contains("not for agents"));
+
+    set(ALLOW_ALL);
+    wait_until(
+        "the new ConfigMap policy to apply",
+        Duration::from_secs(20),
+        || kubectl_in(&pod, &["get", "configmaps"]).status.success(),
+    )
+    .expect("reloaded from the ConfigMap");
+    let _ = cluster.kubectl_ok(&[
+        "delete",
+        "configmap",
+        "tollgate-policy",
+        "-n",
+        "tollgate-system",
+    ]);
+}
