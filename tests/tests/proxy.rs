@@ -887,3 +887,45 @@ async fn the_policy_can_live_in_a_watched_configmap() {
         "tollgate-system",
     ]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deny_on_exec_holds_for_websocket_and_spdy_alike() {
+    let _agent = agent(&policy_with(
+        "  - name: no-exec
+    action: deny
+    reason: agents may not run commands in pods
+    request:
+      verbs: [create]
+      resources: [pods/exec, pods/attach, pods/portforward]
+",
+    ));
+    let ns = namespace("proxy-noexec").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    sleeper(&ns, "target", false).await;
+    for websockets in ["true", "false"] {
+        let out = pod.kubectl_exec(
+            Cluster::shared(),
+            &[],
+            &[
+                "env",
+                &format!("KUBECTL_REMOTE_COMMAND_WEBSOCKETS={websockets}"),
+                "kubectl",
+                "exec",
+                "target",
+                "--",
+                "echo",
+                "should not run",
+            ],
+        );
+        assert!(
+            !out.status.success() && !stdout(&out).contains("should not run"),
+            "exec (websockets={websockets}) was not refused: {}",
+            stdout(&out)
+        );
+        assert!(
+            stderr(&out).contains("agents may not run commands in pods"),
+            "exec (websockets={websockets}): {}",
+            stderr(&out)
+        );
+    }
+}

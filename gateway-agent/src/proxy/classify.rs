@@ -57,6 +57,18 @@ impl RequestInfo {
         )
     }
 
+    /// A WebSocket upgrade arrives as a GET, but exec, attach and port-forward start a
+    /// process or a tunnel: the API server authorizes such a GET as `create` too
+    /// (AuthorizePodWebsocketUpgradeCreatePermission), and so does policy here, so a
+    /// rule about `create` on `pods/exec` cannot be side-stepped by choosing WebSocket
+    /// over SPDY. Call for requests that ask for a protocol upgrade.
+    pub fn treat_streaming_upgrade_as_create(&mut self) {
+        let streaming = matches!(self.subresource.as_str(), "exec" | "attach" | "portforward");
+        if self.resource == "pods" && streaming && self.verb == "get" {
+            self.verb = "create".to_owned();
+        }
+    }
+
     /// `resource/subresource`, or just `resource`: how RBAC rules name it.
     pub fn resource_with_subresource(&self) -> Cow<'_, str> {
         if self.subresource.is_empty() {
@@ -459,6 +471,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(info.name, "a:b");
+    }
+
+    #[test]
+    fn websocket_exec_counts_as_create() {
+        for sub in ["exec", "attach", "portforward"] {
+            let path = format!("/api/v1/namespaces/a/pods/p/{sub}");
+            let mut info = classify(&Method::GET, &path, Some("command=sh")).unwrap();
+            assert_eq!(info.verb, "get");
+            info.treat_streaming_upgrade_as_create();
+            assert_eq!(info.verb, "create", "{sub}");
+        }
+        let mut logs = classify(&Method::GET, "/api/v1/namespaces/a/pods/p/log", None).unwrap();
+        logs.treat_streaming_upgrade_as_create();
+        assert_eq!(logs.verb, "get");
     }
 
     #[test]

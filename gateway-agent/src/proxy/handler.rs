@@ -197,7 +197,7 @@ async fn serve<R: TokenReviewer>(
             gateway.limits.max_header_bytes,
         )));
     }
-    let info = classify(
+    let mut info = classify(
         request.method(),
         request.uri().path(),
         request.uri().query(),
@@ -206,6 +206,9 @@ async fn serve<R: TokenReviewer>(
         warn!(%err, "unroutable path");
         refuse(Status::bad_request(err.to_string()))
     })?;
+    if is_upgrade(request.headers()) {
+        info.treat_streaming_upgrade_as_create();
+    }
     verb.clone_from(&info.verb);
 
     // Identify: whose token is it, and is it this pod's?

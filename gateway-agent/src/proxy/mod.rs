@@ -23,6 +23,9 @@ use tracing::{debug, info, Instrument};
 use crate::identity::TokenReviewer;
 pub use handler::{ConnectionInfo, Gateway, Limits, PodInfo, PolicyHandle};
 
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Terminates TLS on `stream` and serves HTTP/1.1 or HTTP/2 (with upgrades) on it until
 /// the client goes away.
 pub async fn serve_connection<S, R>(
@@ -41,11 +44,17 @@ pub async fn serve_connection<S, R>(
         dst = %connection.original_dst,
     );
     async move {
-        let tls = match acceptor.accept(stream).await {
-            Ok(tls) => tls,
-            Err(err) => {
+        // A client that connects and never finishes the handshake must not hold a
+        // task and a socket for ever.
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
                 // Most often a client that does not trust our certificate: say so.
                 info!(%err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!(timeout = ?TLS_HANDSHAKE_TIMEOUT, "TLS handshake timed out");
                 return;
             }
         };
