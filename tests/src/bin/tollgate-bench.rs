@@ -45,6 +45,8 @@ const CONCURRENT_CLIENTS: usize = 32;
 /// Targets (issue 4 item 8, DESIGN §9).
 const TARGET_GET_P50_RATIO: f64 = 1.15;
 const TARGET_THROUGHPUT_32_RATIO: f64 = 0.85;
+/// Per-round ratios further apart than this (max ÷ min) mark the run as noisy.
+const NOISY_SPREAD: f64 = 1.3;
 
 /// How much to measure.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -678,6 +680,28 @@ fn report(
         .as_f64()
         .unwrap_or(f64::NAN);
     let errors: usize = samples.values().map(|s| s.errors).sum();
+    // Rounds that disagree much mean the machine was busy with something else during
+    // some of them: say so rather than print a ratio that looks precise.
+    let p50_per_round: Vec<f64> = get("get", Route::Gateway)
+        .per_round_p50_ms
+        .iter()
+        .zip(&get("get", Route::Direct).per_round_p50_ms)
+        .map(|(g, d)| ratio(*g, *d))
+        .collect();
+    let tp32_per_round: Vec<f64> = throughput["get_32_clients"]["per_round_ratio"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let spread = |v: &[f64]| {
+        let max = v.iter().copied().fold(f64::MIN, f64::max);
+        let min = v.iter().copied().fold(f64::MAX, f64::min);
+        if v.len() < 2 || min <= 0.0 {
+            1.0
+        } else {
+            max / min
+        }
+    };
+    let noisy = spread(&p50_per_round) > NOISY_SPREAD || spread(&tp32_per_round) > NOISY_SPREAD;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -707,6 +731,8 @@ fn report(
             "throughput_32_met": tp32_ratio >= TARGET_THROUGHPUT_32_RATIO,
         },
         "errors": errors,
+        "get_p50_per_round_ratio": p50_per_round.iter().map(|x| round3(*x)).collect::<Vec<_>>(),
+        "noisy": noisy,
         "proxied": proxied,
         "path_check_ok": path_check_ok,
         // The agent's CPU time per proxied request (warm-up requests and TLS handshakes
@@ -783,9 +809,14 @@ fn print_table(r: &Value) {
     }
     println!();
     println!(
-        "per-round ratios, get req/s at 32 clients: {}",
-        r["throughput"]["get_32_clients"]["per_round_ratio"]
+        "per-round ratios: get p50 {}; get req/s at 32 clients {}",
+        r["get_p50_per_round_ratio"], r["throughput"]["get_32_clients"]["per_round_ratio"]
     );
+    if r["noisy"].as_bool() == Some(true) {
+        println!(
+            "WARNING: the rounds disagree by more than {NOISY_SPREAD}x: the machine was busy with something else; rerun before trusting these ratios"
+        );
+    }
     println!(
         "agent CPU per proxied request (µs, background included): {}; idle: {} µs/s",
         r["agent_cpu_us_per_request"], r["agent_idle_cpu_us_per_s"]
