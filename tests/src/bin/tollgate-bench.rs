@@ -627,6 +627,10 @@ fn report(
                 json!({
                     "p50_ms": round3(p50),
                     "p99_ms": round3(p99),
+                    "p90_ms": round3(percentile(&lat, 90.0) / 1000.0),
+                    "max_ms": round3(lat.last().map_or(f64::NAN, |m| *m as f64 / 1000.0)),
+                    // Stalls of a delayed-ACK's size show up here first.
+                    "over_40ms": lat.iter().filter(|l| **l > 40_000).count(),
                     "mean_ms": round3(if lat.is_empty() { f64::NAN } else {
                         lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1000.0
                     }),
