@@ -21,6 +21,7 @@ pub mod datapath;
 pub mod discovery;
 pub mod doctor;
 pub mod identity;
+pub mod masking;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
