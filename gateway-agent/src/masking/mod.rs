@@ -51,6 +51,7 @@ pub mod detectors;
 pub mod rules;
 pub mod secrets;
 pub mod stream;
+pub mod strict;
 pub mod table;
 
 use serde::Deserialize;
@@ -229,6 +230,15 @@ pub enum MaskError {
 }
 
 impl MaskError {
+    /// The HTTP status the proxy answers with (when nothing was sent yet): 403 for a
+    /// refusal, 502 for an upstream answer that could not be inspected.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            MaskError::Refused { .. } => 403,
+            MaskError::Malformed(_) | MaskError::Truncated | MaskError::TooLarge { .. } => 502,
+        }
+    }
+
     fn malformed(err: serde_json::Error) -> Self {
         MaskError::Malformed(err.to_string())
     }
@@ -462,7 +472,7 @@ impl Masker {
         }
         if depth < 2 {
             if let Some(text) = secrets::last_applied_mut(obj) {
-                let replaced = match serde_json::from_str::<Value>(text) {
+                let replaced = match strict::from_str(text) {
                     Ok(mut inner) if inner.is_object() => {
                         let mut inner_stats = MaskStats::default();
                         self.mask_object_at(&mut inner, kind, &mut inner_stats, depth + 1)?;

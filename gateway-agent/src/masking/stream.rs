@@ -173,6 +173,8 @@ pub struct StreamMasker<'m> {
     stats: MaskStats,
     columns: Option<Vec<String>>,
     members: Vec<(String, Value)>,
+    /// Every top-level key so far (duplicates are refused, see [`super::strict`]).
+    keys: Vec<String>,
     member_bytes: usize,
     streamed: Option<Streamed>,
     elements_written: bool,
@@ -194,6 +196,7 @@ impl<'m> StreamMasker<'m> {
             stats: MaskStats::default(),
             columns: None,
             members: Vec::new(),
+            keys: Vec::new(),
             member_bytes: 0,
             streamed: None,
             elements_written: false,
@@ -269,7 +272,7 @@ impl<'m> StreamMasker<'m> {
     }
 
     fn parse(&self, range: std::ops::Range<usize>) -> Result<Value, MaskError> {
-        serde_json::from_slice(&self.buf[range]).map_err(MaskError::malformed)
+        super::strict::from_slice(&self.buf[range])
     }
 
     fn unexpected(&self, b: u8, wanted: &str) -> MaskError {
@@ -327,6 +330,10 @@ impl<'m> StreamMasker<'m> {
                     Some(range) => {
                         let key: String = serde_json::from_slice(&self.buf[range])
                             .map_err(MaskError::malformed)?;
+                        if self.keys.contains(&key) {
+                            return Err(MaskError::Malformed(format!("duplicate key {key:?}")));
+                        }
+                        self.keys.push(key.clone());
                         State::Colon(key)
                     }
                 },

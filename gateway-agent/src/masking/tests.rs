@@ -711,3 +711,73 @@ fn items_max_len(list: &Value) -> usize {
         .max()
         .unwrap()
 }
+
+#[test]
+fn duplicate_keys_are_refused() {
+    let m = masker();
+    let ctx = Context::default();
+    for body in [
+        // The list's kind twice: which one a client believes is not ours to guess.
+        r#"{"kind":"ConfigMapList","kind":"SecretList","items":[{"data":{"a":"aHVudGVyMg=="}}]}"#,
+        // An item that would otherwise pass byte for byte with its first `data`.
+        r#"{"kind":"SecretList","items":[{"data":{"a":"aHVudGVyMg=="},"data":null}]}"#,
+        r#"{"kind":"Secret","data":{"a":"aHVudGVyMg=="},"data":null}"#,
+    ] {
+        let err = m
+            .mask_body(body.as_bytes(), BodyFormat::Document, &ctx)
+            .unwrap_err();
+        assert!(
+            matches!(err, MaskError::Malformed(ref e) if e.contains("duplicate key")),
+            "{body}: {err}"
+        );
+        assert_eq!(err.http_status(), 502);
+    }
+    let watch = r#"{"type":"ADDED","type":"BOOKMARK","object":{"kind":"Secret","data":{"a":"aHVudGVyMg=="}}}"#;
+    assert!(m
+        .mask_body(watch.as_bytes(), BodyFormat::WatchStream, &ctx)
+        .is_err());
+    // An annotation with duplicate keys cannot be read: replaced whole.
+    let obj = json!({"kind": "Service", "metadata": {"annotations": {LAST_APPLIED_ANNOTATION: r#"{"kind":"Secret","kind":"Service"}"#}}});
+    let (out, _) = mask_doc(&obj, None).unwrap();
+    assert_eq!(
+        out["metadata"]["annotations"][LAST_APPLIED_ANNOTATION],
+        MASK_MARKER
+    );
+}
+
+#[test]
+fn multibyte_text_split_across_chunks() {
+    let body = json!({"kind": "ConfigMapList", "items": [
+        {"metadata": {"name": "é😀"}, "data": {"note": "ünïcödé 😀 \u{2028} text", "api_key": "😀"}},
+    ]})
+    .to_string();
+    let m = masker();
+    let (whole, stats) = m
+        .mask_body(body.as_bytes(), BodyFormat::Document, &Context::default())
+        .unwrap();
+    assert_eq!(stats.rule_fields, 1);
+    let mut sm = StreamMasker::new(&m, BodyFormat::Document, Context::default());
+    let mut out = Vec::new();
+    for chunk in body.as_bytes().chunks(1) {
+        sm.push(chunk, &mut out).unwrap();
+    }
+    sm.finish(&mut out).unwrap();
+    assert_eq!(out, whole);
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["items"][0]["metadata"]["name"], "é😀");
+    assert_eq!(v["items"][0]["data"]["api_key"], MASK_MARKER);
+}
+
+#[test]
+fn refusal_maps_to_forbidden() {
+    let err = MaskError::Refused {
+        rule: "secrets".into(),
+        kind: "Secret".into(),
+    };
+    assert_eq!(err.http_status(), 403);
+    assert_eq!(
+        err.to_string(),
+        "reading this Secret is refused by masking rule \"secrets\""
+    );
+    assert_eq!(MaskError::Truncated.http_status(), 502);
+}
