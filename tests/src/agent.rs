@@ -59,9 +59,8 @@ pub const ALLOW_ALL: &str = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nde
 /// A running agent; stopped, and its kernel programs removed, when dropped.
 pub struct RunningAgent {
     child: Option<Child>,
-    /// One agent at a time in the cluster, across test processes (suites, the
-    /// benchmark): the simulated nodes share one cgroup root, so two agents would both
-    /// attach to every node's pods. An flock, released on drop.
+    /// One agent per node at a time, across test processes (suites, the benchmark):
+    /// two would both attach to the node's cgroup root. An flock, released on drop.
     _agents_lock: fs::File,
     pub bin: PathBuf,
     pub node: NodeInfo,
@@ -79,7 +78,7 @@ impl RunningAgent {
             .into_iter()
             .find(|n| n.index == options.node)
             .with_context(|| format!("no node {}", options.node))?;
-        let agents_lock = lock_agents(&cluster.layout.state)?;
+        let agents_lock = lock_node(&cluster.layout.state, &node.name)?;
         let id = topology::unique_id();
         let dir = std::env::temp_dir().join(format!("tollgate-agent-{id}"));
         fs::create_dir_all(&dir)?;
@@ -155,7 +154,7 @@ impl RunningAgent {
                 ],
             })
             .arg("--cgroup-root")
-            .arg(controlplane::cgroup_root()?)
+            .arg(controlplane::node_cgroup_root(&node)?)
             .arg("--bpffs")
             .arg(&bpffs)
             .args(["--admin-address", &format!("127.0.0.1:{ADMIN_PORT}")])
@@ -283,11 +282,11 @@ impl Drop for RunningAgent {
     }
 }
 
-/// Takes the cluster's agent lock, waiting (bounded) while another test process holds it.
-fn lock_agents(state: &Path) -> Result<fs::File> {
+/// Takes the node's agent lock, waiting (bounded) while another test process holds it.
+fn lock_node(state: &Path, node: &str) -> Result<fs::File> {
     use std::os::fd::AsRawFd;
     let dir = state.parent().unwrap_or(state);
-    let path = dir.join("agent.lock");
+    let path = dir.join(format!("agent-{node}.lock"));
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -65,15 +65,23 @@ async fn namespace(prefix: &str) -> TestNamespace {
     ns
 }
 
-/// A pod on node 1 running `sleep`, labelled for enforcement when `enforced`.
-async fn sleeper(ns: &TestNamespace, name: &str, enforced: bool) -> RunningPod {
-    let mut opts = PodOptions::new(name, 1, &["sleep", "3600"]);
+/// Options for a pod of the `agent` service account, labelled for enforcement when
+/// `enforced`.
+fn pod_options(name: &str, node: u8, command: &[&str], enforced: bool) -> PodOptions {
+    let mut opts = PodOptions::new(name, node, command);
     opts.service_account = Some("agent".into());
     if enforced {
         opts.labels
             .insert("tollgate.dev/enforce".into(), "true".into());
     }
-    ns.run_pod(opts).await.expect("pod runs")
+    opts
+}
+
+/// A pod on node 1 running `sleep`, labelled for enforcement when `enforced`.
+async fn sleeper(ns: &TestNamespace, name: &str, enforced: bool) -> RunningPod {
+    ns.run_pod(pod_options(name, 1, &["sleep", "3600"], enforced))
+        .await
+        .expect("pod runs")
 }
 
 fn kubectl_in(pod: &RunningPod, args: &[&str]) -> Output {
@@ -159,6 +167,15 @@ const DENY_CONFIGMAP_DELETES: &str = "  - name: no-configmap-deletes
       verbs: [delete, deletecollection]
       resources: [configmaps]
 ";
+
+/// The reason DENY_CONFIGMAP_LISTS gives.
+const LISTS_REFUSED: &str = "listing ConfigMaps is not for agents";
+
+/// Whether `kubectl get configmaps` in the pod is refused by DENY_CONFIGMAP_LISTS.
+fn list_refused(pod: &RunningPod) -> bool {
+    let out = kubectl_in(pod, &["get", "configmaps"]);
+    !out.status.success() && stderr(&out).contains(LISTS_REFUSED)
+}
 
 const DENY_CONFIGMAP_LISTS: &str = "  - name: no-configmap-lists
     action: deny
@@ -265,8 +282,7 @@ async fn a_label_added_or_removed_on_a_running_pod_applies_to_its_next_connectio
         ])
         .expect("label");
     wait_until("the label to be enforced", Duration::from_secs(20), || {
-        let out = kubectl_in(&pod, &["get", "configmaps"]);
-        !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
+        list_refused(&pod)
     })
     .expect("enforced after labelling");
 
@@ -297,18 +313,14 @@ async fn a_namespace_label_enforces_every_pod_in_it() {
         .kubectl_ok(&["label", "namespace", &ns.name, "tollgate.dev/enforce=true"])
         .expect("label namespace");
     // The pod even asks to be left alone; the namespace wins.
-    let mut opts = PodOptions::new("optout", 1, &["sleep", "3600"]);
-    opts.service_account = Some("agent".into());
+    let mut opts = pod_options("optout", 1, &["sleep", "3600"], false);
     opts.labels
         .insert("tollgate.dev/enforce".into(), "false".into());
     let pod = ns.run_pod(opts).await.expect("pod");
     wait_until(
         "the namespace label to be enforced",
         Duration::from_secs(20),
-        || {
-            let out = kubectl_in(&pod, &["get", "configmaps"]);
-            !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
-        },
+        || list_refused(&pod),
     )
     .expect("enforced by the namespace label");
 }
@@ -318,7 +330,7 @@ async fn a_pod_connecting_before_discovery_knows_it_is_still_enforced() {
     let agent = agent(&policy_with(DENY_CONFIGMAP_LISTS));
     let ns = namespace("proxy-early").await;
     // The pod's very first act is a list; it races the agent's discovery of the pod.
-    let mut opts = PodOptions::new(
+    let opts = pod_options(
         "early",
         1,
         &[
@@ -326,10 +338,8 @@ async fn a_pod_connecting_before_discovery_knows_it_is_still_enforced() {
             "-c",
             "kubectl get configmaps; echo exit=$?; sleep 3600",
         ],
+        true,
     );
-    opts.service_account = Some("agent".into());
-    opts.labels
-        .insert("tollgate.dev/enforce".into(), "true".into());
     let pod = ns.run_pod(opts).await.expect("pod");
     let cluster = Cluster::shared();
     wait_until(
@@ -454,7 +464,7 @@ async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
         .is_err());
 
     // Logs (streamed) and exec into another pod, from the enforced pod.
-    let mut target = PodOptions::new(
+    let target = pod_options(
         "target",
         1,
         &[
@@ -462,8 +472,8 @@ async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
             "-c",
             "i=0; while [ $i -lt 600 ]; do echo line-$i; i=$((i+1)); sleep 0.1; done",
         ],
+        false,
     );
-    target.service_account = Some("agent".into());
     ns.run_pod(target).await.expect("target pod");
     let mut follow = pod
         .kubectl_exec_child(cluster, &["kubectl", "logs", "-f", "target"])
@@ -494,7 +504,7 @@ async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
     assert_eq!(ok(out, "exec over SPDY").trim(), "over spdy");
 
     // Port-forward from the enforced pod to a server in another pod.
-    let mut server = PodOptions::new(
+    let server = pod_options(
         "server",
         1,
         &[
@@ -507,8 +517,9 @@ async fn watch_apply_delete_logs_and_exec_work_through_the_proxy() {
             "--directory",
             "/etc",
         ],
+        false,
     );
-    server.service_account = Some("agent".into());
+
     ns.run_pod(server).await.expect("server pod");
     // (Killing the local `kubectl exec` leaves the in-pod port-forward running, so each
     // transport gets a port of its own.)
@@ -721,8 +732,7 @@ async fn the_policy_reloads_and_a_broken_version_keeps_the_old_one() {
         .set_policy(&policy_with(DENY_CONFIGMAP_LISTS))
         .expect("write policy");
     wait_until("the new policy to apply", Duration::from_secs(20), || {
-        let out = kubectl_in(&pod, &["get", "configmaps"]);
-        !out.status.success() && stderr(&out).contains("listing ConfigMaps is not for agents")
+        list_refused(&pod)
     })
     .expect("reloaded");
 
@@ -801,11 +811,8 @@ async fn a_cgroupfs_node_enforces_every_qos_class() {
     let ns = namespace("proxy-cgroupfs").await;
     for qos in tollgate_tests::topology::QosClass::ALL {
         let name = format!("{qos:?}").to_lowercase();
-        let mut opts = PodOptions::new(&name, 2, &["sleep", "3600"]);
-        opts.service_account = Some("agent".into());
+        let mut opts = pod_options(&name, 2, &["sleep", "3600"], true);
         opts.qos = qos;
-        opts.labels
-            .insert("tollgate.dev/enforce".into(), "true".into());
         let pod = ns.run_pod(opts).await.expect("pod");
         let out = kubectl_in(&pod, &["get", "configmaps"]);
         assert!(

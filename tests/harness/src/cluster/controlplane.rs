@@ -127,9 +127,22 @@ pub fn nodes() -> Vec<NodeInfo> {
         .collect()
 }
 
+/// The cluster's cgroup subtree. Host processes of the harness (e.g. a test's agent)
+/// get cgroups here, outside every node's root.
 pub fn cgroup_root() -> Result<PathBuf> {
     Ok(topology::cgroup2_mount()?.join(CLUSTER_ID))
 }
+
+/// A node's own cgroup root, where its simkubelet lays out `kubepods`: as on real
+/// machines, each node's pods live under a root of their own, so an agent attached to
+/// one node's root never touches another node's pods.
+pub fn node_cgroup_root(node: &NodeInfo) -> Result<PathBuf> {
+    Ok(cgroup_root()?.join(&node.name))
+}
+
+/// Bumped when the layout `start` makes changes, so `up` restarts a cluster made by an
+/// older layout instead of reusing it. (2: per-node cgroup roots.)
+const LAYOUT_VERSION: u32 = 2;
 
 /// The built binaries `up` runs.
 #[derive(Debug, Clone)]
@@ -663,7 +676,7 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
     let started = Instant::now();
     let bins = ensure_binaries(layout)?;
     let build = started.elapsed();
-    let wanted = format!("{bins:?}");
+    let wanted = format!("{bins:?} layout={LAYOUT_VERSION}");
     let running = fs::read_to_string(layout.state.join("binaries")).unwrap_or_default();
     if running == wanted && healthy_with_retries(layout) {
         return Ok(UpReport {
@@ -815,8 +828,10 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
         }
     }
 
-    let cgroup_root = cgroup_root()?;
     for node in nodes() {
+        let node_cgroup_root = node_cgroup_root(&node)?;
+        fs::create_dir_all(&node_cgroup_root)
+            .with_context(|| format!("creating {}", node_cgroup_root.display()))?;
         // kube-proxy's job for the `kubernetes` Service: DNAT the ClusterIP to the API
         // server, for pod traffic (PREROUTING) and host processes (OUTPUT).
         for chain in ["PREROUTING", "OUTPUT"] {
@@ -859,7 +874,7 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
                 format!("--node-index={}", node.index),
                 format!("--node-ip={}", node.ip),
                 format!("--topology-id={CLUSTER_ID}"),
-                format!("--cgroup-root={}", cgroup_root.display()),
+                format!("--cgroup-root={}", node_cgroup_root.display()),
                 format!(
                     "--cgroup-driver={}",
                     match node.driver {

@@ -454,11 +454,13 @@ pub struct RunningPod {
 impl RunningPod {
     /// The pod-level cgroup, as kubelet lays it out for the node's driver.
     pub fn pod_cgroup(&self) -> Result<PathBuf> {
-        Ok(controlplane::cgroup_root()?.join(pod_cgroup_relpath(
-            self.node.driver,
-            self.qos,
-            &self.uid,
-        )))
+        Ok(
+            controlplane::node_cgroup_root(&self.node)?.join(pod_cgroup_relpath(
+                self.node.driver,
+                self.qos,
+                &self.uid,
+            )),
+        )
     }
 
     /// The container cgroup (`<pod cgroup>/cri-containerd-<id>.scope` or `<pod
