@@ -45,6 +45,11 @@
 //!       kinds: [ConfigMap]
 //!       path: "data.*"
 //!       namePattern: "(?i)password|token|secret|key"
+//!     - name: configmap-binary-credentials
+//!       kinds: [ConfigMap]
+//!       path: "binaryData.*"
+//!       namePattern: "(?i)password|token|secret|key"
+//!       base64: true               # the replacement is base64 of the marker
 //! ```
 
 pub mod detectors;
@@ -419,6 +424,9 @@ impl Masker {
                     None => Ok(()),
                 }
             }
+            // A watch event where a document was expected: masked as an event (its
+            // object is what matters), never as an object of the requested kind.
+            None if is_watch_event(doc) => self.mask_event_in(doc, hint, columns, stats),
             _ => self.mask_object(doc, hint, stats),
         }
     }
@@ -476,7 +484,6 @@ impl Masker {
                     Ok(mut inner) if inner.is_object() => {
                         let mut inner_stats = MaskStats::default();
                         self.mask_object_at(&mut inner, kind, &mut inner_stats, depth + 1)?;
-                        stats.objects += inner_stats.objects;
                         if inner_stats.masked() > 0 {
                             stats.secret_fields += inner_stats.secret_fields;
                             stats.rule_fields += inner_stats.rule_fields;
@@ -508,6 +515,11 @@ impl Masker {
     pub(crate) fn detectors(&self) -> &detectors::Detectors {
         &self.detectors
     }
+}
+
+/// `{"type": "...", "object": {...}}` and no `kind`: the shape of a watch event.
+fn is_watch_event(doc: &Value) -> bool {
+    doc.get("type").is_some_and(Value::is_string) && doc.get("object").is_some_and(Value::is_object)
 }
 
 /// The kind of the items of a list of kind `list`: `SecretList` → `Secret`; for `List`
