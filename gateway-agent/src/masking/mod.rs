@@ -22,8 +22,23 @@
 //! - [`table`]: Table rows; [`stream`]: bodies that arrive in chunks, memory bounded by
 //!   the largest single object or event.
 //!
-//! Anything that cannot be inspected (malformed JSON, a truncated body, an object over
-//! the size limit) is an error: the proxy refuses it, never passes it through.
+//! Anything that cannot be inspected (malformed JSON, duplicate keys, a truncated body,
+//! an object over the size limit) is an error: the proxy refuses it, never passes it
+//! through.
+//!
+//! Wiring it into the proxy (not done yet), for a response to an enforced pod:
+//! 1. Before forwarding: if [`Masker::refusal_for_kind`] names a rule for the requested
+//!    kind, answer 403 without asking upstream.
+//! 2. Ask upstream for JSON (`Accept: application/json`, keeping `;as=Table;...`
+//!    parameters; never protobuf or YAML) and either drop `Accept-Encoding` or gunzip
+//!    the answer before masking; refuse any answer whose content type is not JSON.
+//! 3. `StreamMasker::new(&masker, BodyFormat::WatchStream` (for `watch=true`) or
+//!    `BodyFormat::Document, Context::for_kind(kind))`; `push` each body frame and send
+//!    what it appends to `out`; `finish` at the end of the body. Drop `Content-Length`
+//!    (the size changes).
+//! 4. On an error before anything was sent: a `Status` with
+//!    [`MaskError::http_status`]; after: abort the response (see [`stream`]).
+//! 5. [`MaskStats`] from `finish` feeds the metrics and the session record.
 //!
 //! ```yaml
 //! masking:

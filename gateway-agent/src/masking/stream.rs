@@ -21,8 +21,9 @@
 //!
 //! The bound enforced: no single value (event, list item, row, or the sum of a
 //! collected document's members) may exceed [`Masker::max_object_bytes`]; beyond it the
-//! body is refused with [`MaskError::TooLarge`]. The buffer holds at most that plus one
-//! chunk ([`StreamMasker::peak_buffered`] reports what it held). An item whose masking
+//! body is refused with [`MaskError::TooLarge`]. The buffer holds the value in progress
+//! plus one chunk, and consumed bytes until they are half of it or 64 KiB
+//! ([`StreamMasker::peak_buffered`] reports what it held). An item whose masking
 //! changed nothing is written out byte for byte as it came (and not re-serialised).
 //!
 //! Once output has started an error cannot be turned into a clean answer: the proxy
@@ -206,7 +207,9 @@ impl<'m> StreamMasker<'m> {
 
     /// Takes the next chunk of the body; appends to `out` what can be sent now.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
-        if self.pos > 0 {
+        // Consumed bytes are dropped once they are at least half the buffer (or 64 KiB):
+        // a large value arriving in small chunks is not moved on every chunk.
+        if self.pos > 0 && (self.pos * 2 >= self.buf.len() || self.pos >= 64 * 1024) {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }

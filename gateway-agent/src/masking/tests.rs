@@ -839,3 +839,35 @@ fn partial_object_metadata_list_uses_the_requests_kind() {
         )
         .is_ok());
 }
+
+/// A 1.5 MB Secret (etcd's default object limit) in 4 KiB chunks: collected member by
+/// member, masked, and the buffer is not moved on every chunk.
+#[test]
+fn large_single_object_in_small_chunks() {
+    let mut s = secret("big", true);
+    for i in 0..1500 {
+        s["data"][format!("k{i}")] = json!("QUJD".repeat(250));
+    }
+    let body = s.to_string();
+    assert!(body.len() > 1_500_000);
+    let m = masker();
+    let start = Instant::now();
+    let mut sm = StreamMasker::new(&m, BodyFormat::Document, Context::default());
+    let mut out = Vec::new();
+    let chunks: Vec<&[u8]> = body.as_bytes().chunks(4096).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        sm.push(chunk, &mut out).unwrap();
+        // Nothing of a single object is sent before it is complete.
+        assert_eq!(out.is_empty(), i + 1 < chunks.len());
+    }
+    let peak = sm.peak_buffered();
+    let stats = sm.finish(&mut out).unwrap();
+    println!(
+        "1.5 MB Secret in 4 KiB chunks: {:?}, peak buffered {peak} bytes",
+        start.elapsed()
+    );
+    assert_eq!(stats.secret_fields, 1502);
+    assert!(peak < 2 * body.len() + 64 * 1024, "peak {peak}");
+    assert_clean(std::str::from_utf8(&out).unwrap());
+    assert!(!std::str::from_utf8(&out).unwrap().contains("QUJD"));
+}
