@@ -147,6 +147,14 @@ pub struct RuleConfig {
     pub base64: bool,
 }
 
+impl MaskingConfig {
+    /// Reads the masking section from YAML (the document above, without the `masking:`
+    /// key). Unknown fields are errors, so a misspelt key cannot widen or drop a rule.
+    pub fn from_yaml(text: &str) -> Result<MaskingConfig, ConfigError> {
+        serde_saphyr::from_str(text).map_err(|err| ConfigError::Yaml(err.to_string()))
+    }
+}
+
 impl Default for DetectorsConfig {
     fn default() -> Self {
         DetectorsConfig {
@@ -229,6 +237,8 @@ pub enum ConfigError {
         #[source]
         source: Box<regex::Error>,
     },
+    #[error("masking configuration: {0}")]
+    Yaml(String),
     #[error("maxObjectBytes must be at least 1024")]
     MaxObjectBytes,
 }

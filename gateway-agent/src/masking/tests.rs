@@ -871,3 +871,58 @@ fn large_single_object_in_small_chunks() {
     assert_clean(std::str::from_utf8(&out).unwrap());
     assert!(!std::str::from_utf8(&out).unwrap().contains("QUJD"));
 }
+
+#[test]
+fn config_from_yaml() {
+    let config = MaskingConfig::from_yaml(
+        r#"
+secrets: mask
+maxObjectBytes: 8388608
+detectors:
+  privateKeys: true
+  tokens: true
+  cloudKeys: false
+  patterns: ["corp_[0-9a-f]{8}"]
+rules:
+  - name: env-credentials
+    kinds: [Deployment]
+    path: "@podSpec.containers|initContainers|ephemeralContainers[].env[].value"
+    namePattern: "(?i)password|token|secret|key"
+  - name: no-kubeconfigs
+    kinds: [ConfigMap]
+    path: "data.*"
+    namePattern: "kubeconfig"
+    action: refuse
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.max_object_bytes, 8 * 1024 * 1024);
+    assert!(!config.detectors.cloud_keys);
+    assert_eq!(config.rules[1].action, Action::Refuse);
+    let m = Masker::new(&config).unwrap();
+    let d = json!({"kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"name": "c",
+        "env": [{"name": "TOKEN", "value": "corp_deadbeef"}]}]}}}});
+    let (out, _) = m
+        .mask_body(
+            d.to_string().as_bytes(),
+            BodyFormat::Document,
+            &Context::default(),
+        )
+        .unwrap();
+    assert!(!String::from_utf8(out).unwrap().contains("corp_deadbeef"));
+    for bad in [
+        "rules: [{name: r, pth: x}]",
+        "secrets: maybe",
+        "detectors: {tokenz: true}",
+    ] {
+        assert!(
+            matches!(MaskingConfig::from_yaml(bad), Err(ConfigError::Yaml(_))),
+            "{bad}"
+        );
+    }
+    // An empty document is the defaults.
+    assert_eq!(
+        MaskingConfig::from_yaml("{}").unwrap(),
+        MaskingConfig::default()
+    );
+}
