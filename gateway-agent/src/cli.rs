@@ -247,7 +247,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         println!("target {t}");
                     }
                     for (id, class) in &s.cgroups {
-                        println!("cgroup {id} {class:?}");
+                        match class {
+                            Some(class) => println!("cgroup {id} {class:?}"),
+                            None => println!("cgroup {id} (unknown class)"),
+                        }
                     }
                 }
                 DatapathCommand::Uninstall { bpffs } => {

@@ -162,7 +162,7 @@ impl RunningAgent {
                 "--classify-timeout",
                 &format!("{}ms", options.classify_timeout.as_millis()),
             ])
-            .env("RUST_LOG", "info,gateway_agent=debug")
+            .env("RUST_LOG", "info")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null());
         // Both streams into one log, through one open file (one offset).

@@ -150,6 +150,19 @@ async fn enforced_pods_work_like_exempt_pods() {
         1.0,
         "only the enforced pod's create is proxied"
     );
+    // The admin port: alive, ready, and counting.
+    assert_eq!(agent.admin_get("/healthz").expect("healthz").0, 200);
+    assert_eq!(
+        agent.admin_get("/readyz").expect("readyz"),
+        (200, "ok\n".to_owned())
+    );
+    let (code, metrics) = agent.admin_get("/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("tollgate_connections_total{kind=\"enforced\"}")
+            && metrics.contains("tollgate_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     if std::env::var_os("TOLLGATE_SHOW_AGENT_LOG").is_some() {
         eprintln!("{}", agent.log_text());
     }
@@ -935,4 +948,33 @@ async fn a_deny_on_exec_holds_for_websocket_and_spdy_alike() {
             stderr(&out)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_pod_leaves_the_kernel_map() {
+    let agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-gone").await;
+    let pod = sleeper(&ns, "short-lived", true).await;
+    let cgroup_id =
+        tollgate_tests::topology::cgroup_id(&pod.pod_cgroup().expect("cgroup")).expect("cgroup id");
+    let map_entry = format!("cgroup {cgroup_id} Enforced");
+    let status = || {
+        let out = std::process::Command::new(AGENT)
+            .args(["datapath", "status", "--bpffs"])
+            .arg(&agent.bpffs)
+            .output()
+            .expect("datapath status");
+        stdout(&out)
+    };
+    wait_until("the pod in the kernel map", Duration::from_secs(20), || {
+        status().contains(&map_entry)
+    })
+    .expect("pod classified");
+    ns.delete_pod("short-lived").await.expect("delete");
+    wait_until(
+        "the pod to leave the kernel map",
+        Duration::from_secs(20),
+        || !status().contains(&format!("cgroup {cgroup_id} ")),
+    )
+    .expect("map entry removed");
 }
