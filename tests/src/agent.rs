@@ -197,7 +197,10 @@ impl RunningAgent {
                 }
             }
             if let Ok((200, _)) = self.admin_get("/readyz") {
-                return Ok(());
+                // Ready, and it is this agent that answered: it still runs.
+                if self.is_running() {
+                    return Ok(());
+                }
             }
             if started.elapsed() > timeout {
                 bail!(
