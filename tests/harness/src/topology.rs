@@ -98,6 +98,11 @@ impl Netns {
             name: name.to_owned(),
         };
         netns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on links made from now on: while their
+        // link-local addresses are tentative, the first IPv6 packets of a fresh
+        // namespace are lost (seen: the first ping to fd77::10 failed).
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         Ok(netns)
     }
 
