@@ -101,6 +101,12 @@ impl OriginLookup for SharedDatapath {
 pub async fn run(config: Config) -> Result<(), AppError> {
     let ready = Ready::new();
     let metrics = Metrics::new();
+    // Every start-up task is registered before any is done, so /readyz never says ok
+    // in the gap between one task finishing and the next registering.
+    let maps_ready = ready.register("kernel maps");
+    let policy_ready = ready.register("policy");
+    let watches_ready = ready.register("watches");
+    let listener_ready = ready.register("proxy listener");
 
     // Admin port first, so /healthz answers and /readyz says what is pending.
     let admin_listener = TcpListener::bind(config.admin_address)
@@ -118,7 +124,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     ));
 
     // Kernel data path: adopt pins or install; redirect starts at once.
-    let maps_ready = ready.register("kernel maps");
     let mut datapath_config = DatapathConfig::new(&config.cgroup_root, &config.bpffs);
     datapath_config.proxy_port = config.proxy_port;
     for addr in &config.proxy_addresses {
@@ -135,7 +140,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let client = kube_client(&config).await?;
 
     // Policy: must be valid before anything is forwarded.
-    let policy_ready = ready.register("policy");
     let policy = match &config.policy {
         PolicySource::File(path) => {
             let handle = PolicyHandle::new(policy_source::load_file(path)?);
@@ -170,7 +174,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     drop(policy_ready);
 
     // Discovery keeps the kernel maps right and answers "which pod is this cgroup?".
-    let watches_ready = ready.register("watches");
     let (directory, discovery_task) = discovery::start(
         client.clone(),
         DiscoveryConfig {
@@ -191,7 +194,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
 
     // The proxy.
-    let listener_ready = ready.register("proxy listener");
     let gateway = Arc::new(Gateway {
         upstream: proxy::upstream::Upstream::new(
             proxy::tls::upstream_config(&config.cluster_ca)?,
