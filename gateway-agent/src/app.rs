@@ -184,6 +184,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             cgroup_retry: Duration::from_millis(500),
         },
         datapath.clone(),
+        metrics.clone(),
     );
     {
         let directory = directory.clone();
@@ -197,7 +198,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let gateway = Arc::new(Gateway {
         upstream: proxy::upstream::Upstream::new(
             proxy::tls::upstream_config(&config.cluster_ca)?,
-            Duration::from_secs(60),
+            proxy::upstream::RESPONSE_HEAD_TIMEOUT,
         ),
         identity: Identity::new(
             KubeTokenReviewer::new(client.clone()),

@@ -22,6 +22,8 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Metrics;
+
 /// The label (on a pod or its namespace) that asks for enforcement.
 pub const ENFORCE_LABEL: &str = "tollgate.dev/enforce";
 
@@ -126,6 +128,7 @@ pub fn start<K: KernelMaps>(
     client: Client,
     config: DiscoveryConfig,
     kernel: K,
+    metrics: Metrics,
 ) -> (Directory, tokio::task::JoinHandle<()>) {
     let pods = Arc::new(RwLock::new(HashMap::new()));
     let (changed_tx, changed) = watch::channel(0u64);
@@ -138,6 +141,7 @@ pub fn start<K: KernelMaps>(
     let owner = Owner {
         config,
         kernel,
+        metrics,
         published: pods,
         changed: changed_tx,
         synced: synced_tx,
@@ -160,6 +164,8 @@ pub fn start<K: KernelMaps>(
 struct Owner<K> {
     config: DiscoveryConfig,
     kernel: K,
+    /// `pods_known` and `api_targets` are kept here, where they change.
+    metrics: Metrics,
     published: Arc<RwLock<HashMap<u64, PodView>>>,
     changed: watch::Sender<u64>,
     synced: watch::Sender<bool>,
@@ -283,25 +289,46 @@ impl<K: KernelMaps> Owner<K> {
                 if let Err(err) = self.kernel.sync_pod_parents() {
                     warn!(%err, "marking the kubepods parent cgroups failed");
                 }
+                // A failed target write is retried; pods are looked at again only
+                // while one still waits for its cgroup (or for a failed map write):
+                // everything else changes through watch events.
+                self.reconcile_targets();
+                if self.pods.keys().all(|uid| self.resolved.contains_key(uid)) {
+                    return;
+                }
+                self.reconcile_pods();
+                return;
             }
         }
-        self.reconcile();
+        self.reconcile_targets();
+        self.reconcile_pods();
+        let synced = ["pods", "namespaces", "service", "endpointslices"]
+            .iter()
+            .all(|k| self.lists_done.contains(k));
+        if synced && !*self.synced.borrow() {
+            info!(pods = self.pods.len(), "discovery synced");
+            let _ = self.synced.send(true);
+        }
     }
 
-    /// Brings the kernel maps and the directory in line with the view.
-    fn reconcile(&mut self) {
-        // Targets: the Service's ClusterIPs and every ready endpoint, on their ports.
+    /// The Service's ClusterIPs and every endpoint, on their ports, into the kernel.
+    fn reconcile_targets(&mut self) {
         let targets = api_server_targets(self.service.as_ref(), self.slices.values());
         if targets != self.targets {
             match self.kernel.set_targets(&targets) {
                 Ok(()) => {
                     info!(?targets, "API-server targets updated");
+                    self.metrics.api_targets.set(targets.len() as i64);
                     self.targets = targets;
                 }
                 Err(err) => warn!(%err, "updating API-server targets failed"),
             }
         }
+    }
 
+    /// Pods into the kernel map and the directory: gone ones out, new and changed
+    /// ones in.
+    fn reconcile_pods(&mut self) {
         // Pods that are gone.
         let gone: Vec<String> = self
             .resolved
@@ -354,6 +381,7 @@ impl<K: KernelMaps> Owner<K> {
             }
             views.insert(cgroup_id, pod_view(pod, enforcement, cgroup_id));
         }
+        self.metrics.pods_known.set(views.len() as i64);
         let changed = {
             let mut published = self.published.write().unwrap_or_else(|e| e.into_inner());
             let changed = *published != views;
@@ -364,13 +392,6 @@ impl<K: KernelMaps> Owner<K> {
         };
         if changed {
             self.changed.send_modify(|generation| *generation += 1);
-        }
-        let synced = ["pods", "namespaces", "service", "endpointslices"]
-            .iter()
-            .all(|k| self.lists_done.contains(k));
-        if synced && !*self.synced.borrow() {
-            info!(pods = self.pods.len(), "discovery synced");
-            let _ = self.synced.send(true);
         }
     }
 }

@@ -92,15 +92,16 @@ pub struct RequestMatch {
     non_resource_urls: Vec<Pattern>,
 }
 
-/// Who is calling, as identity and discovery established it.
-#[derive(Debug, Clone, Default)]
-pub struct Caller {
-    pub user: String,
-    pub groups: Vec<String>,
+/// Who is calling, as identity and discovery established it. Borrowed: it is built
+/// for every request from what identity and discovery already hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub user: &'a str,
+    pub groups: &'a [String],
     /// The pod's namespace and service account, when the caller is a pod.
-    pub namespace: String,
-    pub service_account: String,
-    pub pod_labels: BTreeMap<String, String>,
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub pod_labels: &'a BTreeMap<String, String>,
 }
 
 /// The outcome for one request: the action and the rule that chose it.
@@ -137,7 +138,7 @@ impl Policy {
     }
 
     /// First matching rule wins; the default applies when none matches.
-    pub fn decide(&self, caller: &Caller, request: &RequestInfo) -> Decision {
+    pub fn decide(&self, caller: &Caller<'_>, request: &RequestInfo) -> Decision {
         for rule in &self.rules {
             if rule.caller.matches(caller) && rule.request.matches(request) {
                 return Decision {
@@ -156,17 +157,17 @@ impl Policy {
 }
 
 impl CallerMatch {
-    fn matches(&self, caller: &Caller) -> bool {
-        any_or_empty(&self.namespaces, |p| p.matches(&caller.namespace))
+    fn matches(&self, caller: &Caller<'_>) -> bool {
+        any_or_empty(&self.namespaces, |p| p.matches(caller.namespace))
             && (self.service_accounts.is_empty()
                 || self.service_accounts.iter().any(|(ns, name)| {
-                    ns.matches(&caller.namespace) && name.matches(&caller.service_account)
+                    ns.matches(caller.namespace) && name.matches(caller.service_account)
                 }))
             && self
                 .pod_labels
                 .iter()
                 .all(|(k, v)| caller.pod_labels.get(k) == Some(v))
-            && any_or_empty(&self.users, |p| p.matches(&caller.user))
+            && any_or_empty(&self.users, |p| p.matches(caller.user))
             && (self.groups.is_empty()
                 || self
                     .groups
@@ -599,8 +600,30 @@ rules:
         classify(&method, path, query).unwrap()
     }
 
-    fn coder() -> Caller {
-        Caller {
+    /// A caller's identity, owned, for tests to borrow a [`Caller`] from.
+    #[derive(Default)]
+    struct Who {
+        user: String,
+        groups: Vec<String>,
+        namespace: String,
+        service_account: String,
+        pod_labels: BTreeMap<String, String>,
+    }
+
+    impl Who {
+        fn caller(&self) -> Caller<'_> {
+            Caller {
+                user: &self.user,
+                groups: &self.groups,
+                namespace: &self.namespace,
+                service_account: &self.service_account,
+                pod_labels: &self.pod_labels,
+            }
+        }
+    }
+
+    fn coder() -> Who {
+        Who {
             user: "system:serviceaccount:agents:coder".into(),
             groups: vec!["system:serviceaccounts".into()],
             namespace: "agents".into(),
@@ -613,7 +636,7 @@ rules:
     fn first_match_wins_and_default_applies() {
         let policy = Policy::parse(POLICY).unwrap();
         let d = policy.decide(
-            &coder(),
+            &coder().caller(),
             &request(Method::POST, "/api/v1/namespaces/agents/secrets"),
         );
         assert_eq!(d.action, Action::Deny);
@@ -621,7 +644,7 @@ rules:
         assert_eq!(d.reason, "agents may not change Secrets");
 
         let d = policy.decide(
-            &coder(),
+            &coder().caller(),
             &request(Method::GET, "/api/v1/namespaces/agents/secrets"),
         );
         assert_eq!(
@@ -630,7 +653,7 @@ rules:
         );
 
         let d = policy.decide(
-            &coder(),
+            &coder().caller(),
             &request(
                 Method::PATCH,
                 "/apis/apps/v1/namespaces/agents/deployments/x",
@@ -642,11 +665,12 @@ rules:
         );
 
         // Another caller falls through to the default.
-        let other = Caller {
+        let other = Who {
             namespace: "team-a".into(),
             service_account: "builder".into(),
-            ..Caller::default()
+            ..Who::default()
         };
+        let other = other.caller();
         let d = policy.decide(
             &other,
             &request(
@@ -679,7 +703,7 @@ rules:
         let mut caller = coder();
         caller.pod_labels.insert("team".into(), "web".into());
         let d = policy.decide(
-            &caller,
+            &caller.caller(),
             &request(Method::GET, "/api/v1/namespaces/agents/pods"),
         );
         assert_eq!(d.rule.as_deref(), Some("nothing-else-for-coder"));

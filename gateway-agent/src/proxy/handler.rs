@@ -32,8 +32,6 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// A request body (the API server itself refuses more than 3 MiB).
     pub max_body_bytes: usize,
-    /// How long the API server may take to start answering.
-    pub upstream_response_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -41,7 +39,6 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 3 * 1024 * 1024,
-            upstream_response_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -209,7 +206,8 @@ async fn serve<R: TokenReviewer>(
         warn!(%err, "unroutable path");
         refuse(Status::bad_request(err.to_string()))
     })?;
-    if is_upgrade(request.headers()) {
+    let upgrade = is_upgrade(request.headers());
+    if upgrade {
         info.treat_streaming_upgrade_as_create();
     }
     verb.clone_from(&info.verb);
@@ -248,11 +246,11 @@ async fn serve<R: TokenReviewer>(
 
     // Decide: what does the policy say?
     let caller = Caller {
-        user: user.username.clone(),
-        groups: user.groups.clone(),
-        namespace: connection.pod.namespace.clone(),
-        service_account: connection.pod.service_account.clone(),
-        pod_labels: connection.pod.labels.clone(),
+        user: &user.username,
+        groups: &user.groups,
+        namespace: &connection.pod.namespace,
+        service_account: &connection.pod.service_account,
+        pod_labels: &connection.pod.labels,
     };
     let decision = gateway.policy.current().decide(&caller, &info);
     let span = tracing::Span::current();
@@ -278,7 +276,7 @@ async fn serve<R: TokenReviewer>(
     }
 
     // Forward.
-    forward(gateway, connection, request, request_id)
+    forward(gateway, connection, request, upgrade, request_id)
         .await
         .map_err(refuse)
 }
@@ -287,6 +285,7 @@ async fn forward<R: TokenReviewer>(
     gateway: &Gateway<R>,
     connection: &ConnectionInfo,
     mut request: Request<Incoming>,
+    upgrade: bool,
     request_id: &str,
 ) -> Result<Response<ProxyBody>, Status> {
     let limit = gateway.limits.max_body_bytes;
@@ -299,7 +298,6 @@ async fn forward<R: TokenReviewer>(
             return Err(Status::request_entity_too_large(limit));
         }
     }
-    let upgrade = is_upgrade(request.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     let (mut parts, body) = request.into_parts();

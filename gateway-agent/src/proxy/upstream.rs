@@ -32,6 +32,10 @@ pub enum UpstreamError {
     BadUri(#[from] http::Error),
 }
 
+/// How long the API server may take to start answering (the head only: streams
+/// such as watches then run as long as they like).
+pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Upstream {
     pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     upgrades: Client<HttpsConnector<HttpConnector>, ProxyBody>,

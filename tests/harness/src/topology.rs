@@ -453,46 +453,18 @@ impl PodSandbox {
     /// A command that runs inside the pod: its network namespace and container cgroup.
     /// (The process joins both between fork and exec, so nothing it does escapes them.)
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let netns: OwnedFd = File::open(self.netns.path())
-            .with_context(|| format!("opening netns {}", self.netns.name))?
-            .into();
-        let procs = CString::new(
-            self.container_cgroup
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )?;
-        let mut cmd = Command::new(program);
-        // SAFETY: the closure runs between fork and exec; it only calls async-signal-safe
-        // functions (setns, open, write, close) on data prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself.
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        join_on_exec(
+            Command::new(program),
+            &self.netns.path(),
+            &self.container_cgroup,
+        )
     }
 
     /// Kills every process in the pod and removes its namespace and cgroups.
-    pub fn remove(&self, node: &Node) -> Result<()> {
+    pub fn remove(&self) -> Result<()> {
         kill_cgroup(&self.pod_cgroup);
+        // The veth pair, and the node's route over it, go with the pod namespace.
         self.netns.delete()?;
-        // The veth pair dies with the pod namespace; the node keeps only the route,
-        // which went with the link.
-        let _ = node;
         remove_cgroup_tree(&self.pod_cgroup)?;
         Ok(())
     }
