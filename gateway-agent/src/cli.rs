@@ -42,6 +42,10 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+    /// Review held API calls (talks to an agent's REST API).
+    Approvals(crate::api::client::ApprovalsArgs),
+    /// Recorded sessions: list, show, replay, verify, export.
+    Sessions(crate::recording::cli::SessionsArgs),
     /// Manage the kernel data path by hand.
     Datapath {
         #[command(subcommand)]
@@ -219,6 +223,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
+        Command::Approvals(args) => args.run(),
+        Command::Sessions(args) => args.run(),
         Command::Datapath { command } => {
             match command {
                 DatapathCommand::Install(args) => install(args)?,

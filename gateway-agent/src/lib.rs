@@ -7,13 +7,18 @@
 //! - [`proxy`]: TLS, classification, forwarding, upgrades.
 //! - [`identity`]: TokenReview and the pod a token belongs to.
 //! - [`policy`]: allow / deny rules, validated, hot-reloaded.
+//! - [`approvals`]: held calls, their stores and the decision rules; [`api`]: the
+//!   reviewers' REST API and CLI.
+//! - [`recording`]: sessions as hash-chained JSON lines.
 //! - [`status`]: every error a client sees, as a `metav1.Status`.
 //! - [`certs`]: the serving certificate from the cluster CA.
 //! - [`config`], [`readiness`], [`metrics`], [`admin`]: the daemon's frame.
 //! - [`doctor`]: can this node run the data path?
 
 pub mod admin;
+pub mod api;
 pub mod app;
+pub mod approvals;
 pub mod certs;
 pub mod cli;
 pub mod config;
@@ -26,4 +31,5 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod recording;
 pub mod status;

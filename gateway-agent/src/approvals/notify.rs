@@ -1,0 +1,1 @@
+//! The webhook sent on each new approval. (Being written.)

@@ -1,0 +1,3 @@
+//! Session recording (DESIGN §7). (Being written.)
+
+pub mod cli;
