@@ -253,6 +253,10 @@ pub enum DecisionError {
     AlreadyApproved { reviewer: String, step: usize },
     #[error("a reason is required")]
     MissingReason,
+    #[error("approval {id} is {state}, not Approved")]
+    NotApproved { id: String, state: State },
+    #[error("approval {id} was already used at {at}")]
+    AlreadyExecuted { id: String, at: String },
 }
 
 impl ApprovalRequest {
