@@ -211,6 +211,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         },
         allow_unbound_tokens: config.allow_unbound_tokens,
         metrics: metrics.clone(),
+        approvals: None,
     });
     let acceptor = Arc::new(Acceptor {
         gateway,

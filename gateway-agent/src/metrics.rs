@@ -24,6 +24,13 @@ pub struct ConnectionLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalLabels {
+    /// `created`, `refused_by_dry_run`, `executed`, `denied`, `expired`, `cancelled`,
+    /// `hold_timeout`.
+    pub event: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -32,6 +39,8 @@ pub struct Metrics {
     pub connections: Family<ConnectionLabels, Counter>,
     pub pods_known: Gauge,
     pub api_targets: Gauge,
+    pub approvals: Family<ApprovalLabels, Counter>,
+    pub approvals_held: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -68,8 +77,22 @@ impl Metrics {
             "API-server addresses in the kernel target map",
             api_targets.clone(),
         );
+        let approvals = Family::<ApprovalLabels, Counter>::default();
+        registry.register(
+            "approval_events",
+            "Approvals made, refused before queueing, executed, or ended otherwise, as seen by this agent",
+            approvals.clone(),
+        );
+        let approvals_held = Gauge::default();
+        registry.register(
+            "approvals_held",
+            "Requests this agent is holding open while they wait for a decision",
+            approvals_held.clone(),
+        );
         Metrics {
             requests,
+            approvals,
+            approvals_held,
             request_seconds,
             connections,
             pods_known,

@@ -1,5 +1,5 @@
-//! The policy: which API calls of which callers are allowed, denied, or (with the
-//! approvals feature) held for people to approve.
+//! The policy: which API calls of which callers are allowed, denied, or held for
+//! people to approve.
 //!
 //! One YAML document, read and validated once into a [`Policy`]; a broken document is
 //! refused as a whole with the line and column of every problem, so the agent can keep
@@ -28,12 +28,31 @@
 //!       namespaces: [prod, "team-*"]  # "*" matches any run of characters
 //!       names: ["*"]
 //!       nonResourceURLs: [/version]   # instead of resources, for non-resource paths
+//!   - name: workloads-need-review
+//!     action: approve
+//!     approval:
+//!       mode: hold            # hold (the call waits) | retry (429 + Retry-After at once)
+//!       steps:                # in order; each needs its approvals from its groups
+//!         - name: sre
+//!           groups: [sre]
+//!           approvals: 1
+//!         - groups: [security, compliance]
+//!           approvals: 2
+//!       holdTimeout: 5m       # hold mode: the client gets a 429 after this
+//!       expireAfter: 1h       # a pending approval expires then
+//!       retryAfter: 5s        # retry mode: the Retry-After the client is given
+//!       executeAs: agents/deployer   # run the approved call as this service account
+//!     request:
+//!       verbs: [create, update, patch, delete]
+//!       resources: [deployments, statefulsets, daemonsets]
 //! ```
 
 pub mod source;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -45,6 +64,8 @@ use crate::proxy::classify::RequestInfo;
 pub enum Action {
     Allow,
     Deny,
+    /// Hold the call until people approve it (the rule's [`ApprovalRule`] says how).
+    Approve,
 }
 
 impl fmt::Display for Action {
@@ -52,6 +73,7 @@ impl fmt::Display for Action {
         f.write_str(match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Approve => "approve",
         })
     }
 }
@@ -71,6 +93,31 @@ pub struct Rule {
     pub reason: String,
     pub caller: CallerMatch,
     pub request: RequestMatch,
+    /// Set exactly when `action` is `Approve`.
+    pub approval: Option<Arc<ApprovalRule>>,
+}
+
+/// How a rule with `action: approve` holds its calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRule {
+    pub mode: crate::approvals::Mode,
+    pub steps: Vec<crate::approvals::model::StepSpec>,
+    /// Hold mode: how long the client waits before it gets a 429.
+    pub hold_timeout: Duration,
+    /// A pending approval expires this long after it was made; an approved one in
+    /// retry mode must be used within it.
+    pub expire_after: Duration,
+    /// Retry mode: the Retry-After given to the client.
+    pub retry_after: Duration,
+    /// `(namespace, name)` of the service account the gateway impersonates to run the
+    /// approved call.
+    pub execute_as: Option<(String, String)>,
+}
+
+impl ApprovalRule {
+    pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(300);
+    pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(3600);
+    pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 }
 
 #[derive(Debug, Clone, Default)]
@@ -111,6 +158,8 @@ pub struct Decision {
     /// `None` when the default applied.
     pub rule: Option<String>,
     pub reason: String,
+    /// How to hold the call, when `action` is `Approve`.
+    pub approval: Option<Arc<ApprovalRule>>,
 }
 
 impl Policy {
@@ -145,6 +194,7 @@ impl Policy {
                     action: rule.action,
                     rule: Some(rule.name.clone()),
                     reason: rule.reason.clone(),
+                    approval: rule.approval.clone(),
                 };
             }
         }
@@ -152,6 +202,7 @@ impl Policy {
             action: self.default,
             rule: None,
             reason: format!("no rule matched; the policy default is {}", self.default),
+            approval: None,
         }
     }
 }
@@ -341,6 +392,36 @@ struct RawRule {
     caller: Option<RawCaller>,
     #[serde(default)]
     request: Option<RawRequest>,
+    #[serde(default)]
+    approval: Option<S<RawApproval>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawApproval {
+    #[serde(default)]
+    mode: Option<S<String>>,
+    #[serde(default)]
+    steps: Vec<S<RawStep>>,
+    #[serde(default)]
+    hold_timeout: Option<S<String>>,
+    #[serde(default)]
+    expire_after: Option<S<String>>,
+    #[serde(default)]
+    retry_after: Option<S<String>>,
+    #[serde(default)]
+    execute_as: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawStep {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    groups: Vec<S<String>>,
+    #[serde(default)]
+    approvals: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,21 +471,176 @@ fn parse_action(value: &S<String>, problems: &mut Problems) -> Option<Action> {
     match value.value.as_str() {
         "allow" => Some(Action::Allow),
         "deny" => Some(Action::Deny),
-        "approve" => {
-            problems.at(
-                value,
-                "action \"approve\" needs the approvals feature, which this version does not have; use allow or deny",
-            );
-            None
-        }
+        "approve" => Some(Action::Approve),
         other => {
             problems.at(
                 value,
-                format!("unknown action {other:?}; expected allow or deny"),
+                format!("unknown action {other:?}; expected allow, deny or approve"),
             );
             None
         }
     }
+}
+
+/// `30s`, `5m`, `1h`, `1h30m`: a positive duration.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    let mut any = false;
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        let n: u64 = number.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        number.clear();
+        any = true;
+    }
+    (number.is_empty() && any && total > 0).then(|| Duration::from_secs(total))
+}
+
+fn duration_field(
+    value: &Option<S<String>>,
+    field: &str,
+    default: Duration,
+    problems: &mut Problems,
+) -> Duration {
+    match value {
+        None => default,
+        Some(v) => parse_duration(&v.value).unwrap_or_else(|| {
+            problems.at(
+                v,
+                format!(
+                    "{field} {:?} is not a duration such as 30s, 5m or 1h",
+                    v.value
+                ),
+            );
+            default
+        }),
+    }
+}
+
+fn approval_rule(
+    rule: &S<String>,
+    action: Option<Action>,
+    raw: Option<S<RawApproval>>,
+    problems: &mut Problems,
+) -> Option<Arc<ApprovalRule>> {
+    let raw = match (action, raw) {
+        (Some(Action::Approve), Some(raw)) => raw,
+        (Some(Action::Approve), None) => {
+            problems.at(
+                rule,
+                "a rule with action approve needs an approval section with at least one step",
+            );
+            return None;
+        }
+        (_, Some(raw)) => {
+            problems.at(
+                &raw,
+                "an approval section belongs only to a rule with action approve",
+            );
+            return None;
+        }
+        (_, None) => return None,
+    };
+    let approval = &raw.value;
+    let mode = match approval.mode.as_ref().map(|m| (m, m.value.as_str())) {
+        None | Some((_, "hold")) => crate::approvals::Mode::Hold,
+        Some((_, "retry")) => crate::approvals::Mode::Retry,
+        Some((m, other)) => {
+            problems.at(m, format!("unknown mode {other:?}; expected hold or retry"));
+            crate::approvals::Mode::Hold
+        }
+    };
+    if approval.steps.is_empty() {
+        problems.at(&raw, "an approval needs at least one step");
+    }
+    let mut steps = Vec::with_capacity(approval.steps.len());
+    for step in &approval.steps {
+        if step.value.groups.is_empty() {
+            problems.at(step, "a step needs the reviewer groups that may approve it");
+        }
+        for g in &step.value.groups {
+            if g.value.trim().is_empty() {
+                problems.at(g, "empty group name");
+            }
+        }
+        let approvals = step.value.approvals.unwrap_or(1);
+        if approvals == 0 {
+            problems.at(step, "a step needs at least 1 approval");
+        }
+        steps.push(crate::approvals::model::StepSpec {
+            name: step.value.name.clone(),
+            groups: step.value.groups.iter().map(|g| g.value.clone()).collect(),
+            approvals,
+        });
+    }
+    let execute_as = approval
+        .execute_as
+        .as_ref()
+        .and_then(|v| match v.value.split_once('/') {
+            Some((ns, name))
+                if valid_dns_label(ns) && valid_dns_subdomain(name) && !name.contains('/') =>
+            {
+                Some((ns.to_owned(), name.to_owned()))
+            }
+            _ => {
+                problems.at(
+                    v,
+                    format!(
+                        "executeAs {:?} must name a service account as namespace/name",
+                        v.value
+                    ),
+                );
+                None
+            }
+        });
+    Some(Arc::new(ApprovalRule {
+        mode,
+        steps,
+        hold_timeout: duration_field(
+            &approval.hold_timeout,
+            "holdTimeout",
+            ApprovalRule::DEFAULT_HOLD_TIMEOUT,
+            problems,
+        ),
+        expire_after: duration_field(
+            &approval.expire_after,
+            "expireAfter",
+            ApprovalRule::DEFAULT_EXPIRE_AFTER,
+            problems,
+        ),
+        retry_after: duration_field(
+            &approval.retry_after,
+            "retryAfter",
+            ApprovalRule::DEFAULT_RETRY_AFTER,
+            problems,
+        ),
+        execute_as,
+    }))
+}
+
+fn valid_dns_label(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+fn valid_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(valid_dns_label)
 }
 
 fn patterns(values: &[S<String>], what: &str, problems: &mut Problems) -> Vec<Pattern> {
@@ -444,7 +680,16 @@ impl RawPolicy {
         }
         let default = match &self.default {
             None => Some(Action::Allow),
-            Some(value) => parse_action(value, &mut problems),
+            Some(value) => match parse_action(value, &mut problems) {
+                Some(Action::Approve) => {
+                    problems.at(
+                        value,
+                        "the default must be allow or deny; hold calls with a rule that says approve",
+                    );
+                    None
+                }
+                other => other,
+            },
         };
         let mut names = HashSet::new();
         let mut rules = Vec::with_capacity(self.rules.len());
@@ -458,6 +703,7 @@ impl RawPolicy {
                 );
             }
             let action = parse_action(&raw.action, &mut problems);
+            let approval = approval_rule(&raw.name, action, raw.approval, &mut problems);
             let caller = raw.caller.unwrap_or_default();
             let request = raw.request.unwrap_or_default();
 
@@ -533,6 +779,7 @@ impl RawPolicy {
                         &mut problems,
                     ),
                 },
+                approval,
             };
             rules.push(rule);
         }
@@ -730,11 +977,105 @@ rules:
     }
 
     #[test]
-    fn approve_is_refused_until_approvals_exist() {
+    fn approve_rules_need_an_approval_section() {
         let text = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\nrules:\n  - name: a\n    action: approve\n";
         let err = Policy::parse(text).unwrap_err();
-        assert_eq!(err.problems[0].location, Some((5, 13)));
-        assert!(err.problems[0].message.contains("approvals feature"));
+        assert_eq!(err.problems[0].location, Some((4, 11)));
+        assert!(err.problems[0].message.contains("approval section"));
+    }
+
+    #[test]
+    fn approve_rules_carry_steps_mode_and_bounds() {
+        let text = r#"
+apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+rules:
+  - name: review-deployments
+    action: approve
+    approval:
+      mode: retry
+      steps:
+        - name: sre
+          groups: [sre]
+        - groups: [security, compliance]
+          approvals: 2
+      holdTimeout: 90s
+      expireAfter: 1h30m
+      executeAs: agents/deployer
+    request:
+      verbs: [create]
+      resources: [deployments]
+"#;
+        let policy = Policy::parse(text).unwrap();
+        let who = coder();
+        let d = policy.decide(
+            &who.caller(),
+            &request(Method::POST, "/apis/apps/v1/namespaces/x/deployments"),
+        );
+        assert_eq!(d.action, Action::Approve);
+        let a = d.approval.unwrap();
+        assert_eq!(a.mode, crate::approvals::Mode::Retry);
+        assert_eq!(a.steps.len(), 2);
+        assert_eq!(a.steps[0].approvals, 1);
+        assert_eq!(a.steps[1].groups, ["security", "compliance"]);
+        assert_eq!(a.steps[1].approvals, 2);
+        assert_eq!(a.hold_timeout, Duration::from_secs(90));
+        assert_eq!(a.expire_after, Duration::from_secs(5400));
+        assert_eq!(a.retry_after, ApprovalRule::DEFAULT_RETRY_AFTER);
+        assert_eq!(
+            a.execute_as,
+            Some(("agents".to_owned(), "deployer".to_owned()))
+        );
+    }
+
+    #[test]
+    fn broken_approval_sections_are_refused_with_locations() {
+        let text = r#"apiVersion: tollgate.dev/v1alpha1
+kind: Policy
+default: approve
+rules:
+  - name: a
+    action: approve
+    approval:
+      mode: later
+      steps:
+        - groups: []
+          approvals: 0
+      holdTimeout: soon
+      executeAs: not-a-service-account
+  - name: b
+    action: deny
+    approval:
+      steps: [{groups: [x]}]
+"#;
+        let err = Policy::parse(text).unwrap_err();
+        let messages: Vec<String> = err
+            .problems
+            .iter()
+            .map(|p| format!("{:?} {}", p.location, p.message))
+            .collect();
+        let all = messages.join("\n");
+        for expected in [
+            "Some((3, 10)) the default must be allow or deny",
+            "Some((8, 13)) unknown mode \"later\"",
+            "needs the reviewer groups",
+            "at least 1 approval",
+            "Some((12, 20)) holdTimeout \"soon\"",
+            "Some((13, 18)) executeAs",
+            "belongs only to a rule with action approve",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
+        for bad in ["", "5", "0s", "5x", "m", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! One API call through the proxy, top to bottom:
-//! classify → identify → decide → forward (→ upgrade).
+//! classify → identify → decide → (hold for approval →) forward (→ upgrade).
 //!
 //! Every refusal is a `metav1.Status` built in one place (`refuse`), logged with the
 //! request id, and never a dropped connection.
@@ -15,11 +15,12 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use tracing::{info, warn, Instrument};
 
+use super::approval::{ApprovalGate, Gated, HeldCall};
 use super::classify::{classify, RequestInfo};
 use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Upstream, UpstreamError};
 use crate::identity::{check_pod, AttributedPod, Identity, Review, TokenReviewer};
 use crate::metrics::RequestLabels;
-use crate::policy::{Action, Caller, Policy};
+use crate::policy::{Action, Caller, Decision, Policy};
 use crate::status::{Status, Subject};
 
 /// The header the API server reads (and echoes) to tie its audit event to ours.
@@ -69,6 +70,9 @@ pub struct Gateway<R: TokenReviewer> {
     /// default: such a token cannot be tied to the pod that uses it.
     pub allow_unbound_tokens: bool,
     pub metrics: crate::metrics::Metrics,
+    /// Holds calls that the policy says need approval; `None` when the agent runs
+    /// without an approval store (such calls are then refused).
+    pub approvals: Option<Arc<ApprovalGate>>,
 }
 
 /// The pod on the other end of a connection, as the kernel and discovery know it.
@@ -267,18 +271,144 @@ async fn serve<R: TokenReviewer>(
         rule = decision.rule.as_deref().unwrap_or("<default>"),
         "decided"
     );
-    if decision.action == Action::Deny {
-        let why = match &decision.rule {
-            Some(rule) => format!("Tollgate policy rule {rule:?}: {}", decision.reason),
-            None => format!("Tollgate policy: {}", decision.reason),
-        };
-        return Err(refuse(Status::forbidden(&subject(&info), &why)));
+    match decision.action {
+        Action::Deny => {
+            let why = match &decision.rule {
+                Some(rule) => format!("Tollgate policy rule {rule:?}: {}", decision.reason),
+                None => format!("Tollgate policy: {}", decision.reason),
+            };
+            Err(refuse(Status::forbidden(&subject(&info), &why)))
+        }
+        Action::Approve => {
+            let call = Approvable {
+                info: &info,
+                user: &user,
+                decision: &decision,
+                upgrade,
+            };
+            hold_for_approval(gateway, connection, request, call, request_id)
+                .await
+                .map_err(refuse)
+        }
+        Action::Allow => forward(gateway, connection, request, upgrade, request_id)
+            .await
+            .map_err(refuse),
     }
+}
 
-    // Forward.
-    forward(gateway, connection, request, upgrade, request_id)
+/// What the handler knows about a call the policy wants approved.
+struct Approvable<'a> {
+    info: &'a RequestInfo,
+    user: &'a crate::identity::UserInfo,
+    decision: &'a Decision,
+    upgrade: bool,
+}
+
+/// Reads the call whole, hands it to the approval gate, and sends it once approved.
+async fn hold_for_approval<R: TokenReviewer>(
+    gateway: &Gateway<R>,
+    connection: &ConnectionInfo,
+    mut request: Request<Incoming>,
+    call: Approvable<'_>,
+    request_id: &str,
+) -> Result<Response<ProxyBody>, Status> {
+    let rule_name = call.decision.rule.as_deref().unwrap_or("<default>");
+    let (Some(gate), Some(rule)) = (
+        gateway.approvals.as_deref(),
+        call.decision.approval.as_deref(),
+    ) else {
+        warn!(
+            rule = rule_name,
+            "approval needed but no approval store is configured"
+        );
+        return Err(Status::service_unavailable(format!(
+            "Tollgate policy rule {rule_name:?} needs approval, but this agent has no approval store"
+        )));
+    };
+    if call.upgrade && rule.execute_as.is_some() {
+        return Err(Status::forbidden(
+            &subject(call.info),
+            &format!(
+                "Tollgate policy rule {rule_name:?} runs approved calls as another account, which an exec, attach or port-forward stream cannot do"
+            ),
+        ));
+    }
+    let limit = gateway.limits.max_body_bytes;
+    if let Some(length) = content_length(request.headers()) {
+        if length > limit as u64 {
+            tokio::spawn(discard(request.into_body(), length.min(DISCARD_LIMIT)));
+            return Err(Status::request_entity_too_large(limit));
+        }
+    }
+    let client_upgrade = call.upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    prepare_upstream_headers(&mut parts.headers, connection, request_id, call.upgrade);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return Err(Status::request_entity_too_large(limit))
+        }
+        Err(err) => {
+            return Err(Status::bad_request(format!(
+                "reading the request body: {err}"
+            )))
+        }
+    };
+    let held = HeldCall {
+        parts: &parts,
+        body,
+        info: call.info,
+        user: call.user,
+        connection,
+        request_id,
+        rule_name,
+        rule,
+        upgrade: call.upgrade,
+    };
+    let approval = match gate.admit(&gateway.upstream, &held).await? {
+        Gated::Proceed(approval) => approval,
+        Gated::Answered(response) => return Ok(response),
+        Gated::Refused(status) => return Err(status),
+    };
+    let Some(client_upgrade) = client_upgrade else {
+        return gate
+            .execute(&gateway.upstream, connection.original_dst, &held, &approval)
+            .await;
+    };
+    let upstream_request = Request::from_parts(parts, empty());
+    let response = gateway
+        .upstream
+        .send(connection.original_dst, upstream_request, true)
         .await
-        .map_err(refuse)
+        .map_err(|err| Status::service_unavailable(err.to_string()))?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(splice_upgrade(client_upgrade, response));
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ))
+}
+
+/// The headers a request carries upstream: no hop-by-hop ones (but the upgrade's), no
+/// Host (the upstream URI has the authority), our Audit-ID, and the pod's address.
+fn prepare_upstream_headers(
+    headers: &mut HeaderMap,
+    connection: &ConnectionInfo,
+    request_id: &str,
+    upgrade: bool,
+) {
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(http::header::HOST);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(AUDIT_ID, id);
+    }
+    // The API server's audit log then shows the pod's address, not the node's.
+    if let Ok(ip) = HeaderValue::from_str(&connection.pod.ip) {
+        headers.append("x-forwarded-for", ip);
+    }
 }
 
 async fn forward<R: TokenReviewer>(
@@ -301,15 +431,7 @@ async fn forward<R: TokenReviewer>(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     let (mut parts, body) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(http::header::HOST);
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        parts.headers.insert(AUDIT_ID, id);
-    }
-    // The API server's audit log then shows the pod's address, not the node's.
-    if let Ok(ip) = HeaderValue::from_str(&connection.pod.ip) {
-        parts.headers.append("x-forwarded-for", ip);
-    }
+    prepare_upstream_headers(&mut parts.headers, connection, request_id, upgrade);
     // The body streams through; if it outgrows the limit mid-way the upload fails,
     // and this flag tells that failure apart from an unreachable API server.
     let too_large = Arc::new(std::sync::atomic::AtomicBool::new(false));

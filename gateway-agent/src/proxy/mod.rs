@@ -2,10 +2,11 @@
 //!
 //! `accept` takes a steered connection (origin, pod, enforce or splice), `tls` builds
 //! both TLS sides, `classify` is the API server's RequestInfo, `handler` is the path of
-//! one request (classify → identify → decide → forward), `upstream` owns the
-//! connections to the API server. This file serves one accepted connection.
+//! one request (classify → identify → decide → forward), `approval` holds a call the
+//! policy wants approved, `upstream` owns the connections to the API server. This file serves one accepted connection.
 
 pub mod accept;
+pub mod approval;
 pub mod classify;
 pub mod handler;
 pub mod tls;
