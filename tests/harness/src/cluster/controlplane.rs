@@ -151,6 +151,19 @@ pub struct Binaries {
     pub apiserver: PathBuf,
     pub simkubelet: PathBuf,
     pub nsforward: PathBuf,
+    /// A client-go program the suites run inside pods (what a Go controller sees).
+    pub tgclient: PathBuf,
+}
+
+impl Binaries {
+    /// What the running cluster is made of (the tools the suites run are not part of
+    /// it: a new build of one must not restart the cluster).
+    fn running(&self) -> String {
+        format!(
+            "Binaries {{ etcd: {:?}, apiserver: {:?}, simkubelet: {:?}, nsforward: {:?} }}",
+            self.etcd, self.apiserver, self.simkubelet, self.nsforward
+        )
+    }
 }
 
 fn go_dir() -> PathBuf {
@@ -213,7 +226,7 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
     );
     // (name, version, package, source files, ldflags, module directory)
     type Target<'a> = (&'a str, &'a str, PathBuf, Vec<PathBuf>, String, &'a Path);
-    let targets: [Target; 4] = [
+    let targets: [Target; 5] = [
         (
             "etcd",
             ETCD_VERSION,
@@ -242,7 +255,15 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
             "nsforward",
             KUBERNETES_VERSION,
             PathBuf::from("./cmd/nsforward"),
-            with(kube_mod, &kube.join("cmd/nsforward"))?,
+            with(kube_mod.clone(), &kube.join("cmd/nsforward"))?,
+            "-s -w".to_owned(),
+            &kube,
+        ),
+        (
+            "tgclient",
+            KUBERNETES_VERSION,
+            PathBuf::from("./cmd/tgclient"),
+            with(kube_mod, &kube.join("cmd/tgclient"))?,
             "-s -w".to_owned(),
             &kube,
         ),
@@ -294,6 +315,7 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
         apiserver: paths[1].clone(),
         simkubelet: paths[2].clone(),
         nsforward: paths[3].clone(),
+        tgclient: paths[4].clone(),
     })
 }
 
@@ -676,7 +698,7 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
     let started = Instant::now();
     let bins = ensure_binaries(layout)?;
     let build = started.elapsed();
-    let wanted = format!("{bins:?} layout={LAYOUT_VERSION}");
+    let wanted = format!("{} layout={LAYOUT_VERSION}", bins.running());
     let running = fs::read_to_string(layout.state.join("binaries")).unwrap_or_default();
     if running == wanted && healthy_with_retries(layout) {
         return Ok(UpReport {
@@ -720,7 +742,11 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
     for dir in [layout.logs(), layout.pids(), layout.state.join("etcd")] {
         fs::create_dir_all(&dir)?;
     }
-    fs::write(layout.state.join("binaries"), format!("{bins:?}"))?;
+    // Exactly what `up` compares with, so a healthy cluster is reused.
+    fs::write(
+        layout.state.join("binaries"),
+        format!("{} layout={LAYOUT_VERSION}", bins.running()),
+    )?;
     generate_pki(layout)?;
     let pki = layout.pki();
     let pk = |n: &str| pki.join(n).display().to_string();
