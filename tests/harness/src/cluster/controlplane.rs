@@ -659,6 +659,7 @@ pub struct UpReport {
     pub elapsed: Duration,
     /// Time spent building missing binaries (zero when the cache had them).
     pub build: Duration,
+    pub binaries: Binaries,
 }
 
 /// An exclusive lock on the cluster (`<state>.lock`), held while starting or stopping
@@ -705,6 +706,7 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
             reused: true,
             elapsed: started.elapsed(),
             build,
+            binaries: bins,
         });
     }
     // Anything half-alive is stopped and started afresh: a restart is cheap (seconds)
@@ -735,6 +737,7 @@ pub fn up(layout: &Layout) -> Result<UpReport> {
         reused: false,
         elapsed: started.elapsed(),
         build,
+        binaries: bins,
     })
 }
 

@@ -32,6 +32,8 @@ use crate::topology::{pod_cgroup_relpath, Netns, QosClass};
 #[derive(Debug)]
 pub struct Cluster {
     pub layout: Layout,
+    /// The built binaries, including the tools the suites run in pods (`tgclient`).
+    pub binaries: controlplane::Binaries,
 }
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
@@ -53,7 +55,10 @@ impl Cluster {
                         if report.reused { "reused" } else { "started" },
                         report.elapsed.as_secs_f64()
                     );
-                    let cluster = Cluster { layout };
+                    let cluster = Cluster {
+                        layout,
+                        binaries: report.binaries,
+                    };
                     cluster.remove_stale_namespaces();
                     cluster
                 }
