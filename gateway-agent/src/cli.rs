@@ -110,6 +110,18 @@ enum PolicyCommand {
         /// The policy file.
         file: PathBuf,
     },
+    /// Print the RBAC (Roles and RoleBindings) that lets the agent impersonate exactly
+    /// the service accounts the policy's `executeAs` rules name, and no other.
+    Rbac {
+        /// The policy file.
+        file: PathBuf,
+        /// The agent's namespace.
+        #[arg(long, default_value = "tollgate-system")]
+        agent_namespace: String,
+        /// The agent's service account.
+        #[arg(long, default_value = "tollgate-agent")]
+        agent_service_account: String,
+    },
 }
 
 #[derive(Args)]
@@ -187,6 +199,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("names: {}", issued.sans.join(", "));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy {
+            command:
+                PolicyCommand::Rbac {
+                    file,
+                    agent_namespace,
+                    agent_service_account,
+                },
+        } => match crate::policy::source::load_file(&file) {
+            Ok(policy) => {
+                print!(
+                    "{}",
+                    crate::policy::impersonation_rbac(
+                        &policy,
+                        &agent_namespace,
+                        &agent_service_account
+                    )
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => match crate::policy::source::load_file(&file) {

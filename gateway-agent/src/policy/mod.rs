@@ -207,6 +207,39 @@ impl Policy {
     }
 }
 
+/// The Roles and RoleBindings (YAML) that let the agent's service account impersonate
+/// exactly the accounts this policy's `executeAs` rules name: one Role per account, in
+/// its namespace, limited to it by `resourceNames`.
+pub fn impersonation_rbac(policy: &Policy, agent_namespace: &str, agent_account: &str) -> String {
+    let accounts: std::collections::BTreeSet<&(String, String)> = policy
+        .rules
+        .iter()
+        .filter_map(|rule| rule.approval.as_ref()?.execute_as.as_ref())
+        .collect();
+    let mut out = String::new();
+    if accounts.is_empty() {
+        out.push_str("# No rule of this policy has executeAs: the agent needs no impersonation.\n");
+    }
+    for (namespace, name) in accounts {
+        let role = format!("tollgate-impersonate-{name}");
+        out.push_str(&format!(
+            "---\n\
+apiVersion: rbac.authorization.k8s.io/v1\n\
+kind: Role\n\
+metadata:\n  name: {role}\n  namespace: {namespace}\n\
+rules:\n\
+  - apiGroups: [\"\"]\n    resources: [serviceaccounts]\n    resourceNames: [{name}]\n    verbs: [impersonate]\n\
+---\n\
+apiVersion: rbac.authorization.k8s.io/v1\n\
+kind: RoleBinding\n\
+metadata:\n  name: {role}\n  namespace: {namespace}\n\
+roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: {role}\n\
+subjects:\n  - kind: ServiceAccount\n    name: {agent_account}\n    namespace: {agent_namespace}\n"
+        ));
+    }
+    out
+}
+
 impl CallerMatch {
     fn matches(&self, caller: &Caller<'_>) -> bool {
         any_or_empty(&self.namespaces, |p| p.matches(caller.namespace))

@@ -370,7 +370,17 @@ impl ApprovalGate {
                     .map_err(|err| Status::service_unavailable(err.to_string()))?
                     .map(|body| body.map_err(BoxError::from).boxed())
             }
-            Some((namespace, name)) => self.execute_as(call, namespace, name).await?,
+            Some(_) => {
+                let (mut head, bytes) = self
+                    .send_collected(upstream, call, call.parts.clone(), call.body.clone())
+                    .await?;
+                let bytes = bytes.ok_or_else(|| {
+                    Status::internal_error("the API server's answer was too large to relay")
+                })?;
+                head.headers.remove(http::header::CONTENT_LENGTH);
+                super::upstream::strip_hop_by_hop(&mut head.headers, false);
+                Response::from_parts(head, full(bytes))
+            }
         };
         let code = response.status().as_u16();
         let store = self.store.clone();
@@ -392,23 +402,35 @@ impl ApprovalGate {
         Ok(response)
     }
 
-    /// Runs the call with the agent's credential, impersonating the rule's service
-    /// account: the agent pod's own account can then stay read-only.
-    async fn execute_as(
+    /// Sends a request as the account that would run the approved call, and reads the
+    /// answer whole (bounded; `None` when larger): the caller's own token, or, for an
+    /// `executeAs` rule, the agent's credential impersonating the named service account
+    /// (so the dry-run judges the call as it will really run).
+    async fn send_collected(
         &self,
+        upstream: &Upstream,
         call: &HeldCall<'_>,
-        namespace: &str,
-        name: &str,
-    ) -> Result<Response<ProxyBody>, Status> {
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<(http::response::Parts, Option<Bytes>), Status> {
+        let Some((namespace, name)) = &call.rule.execute_as else {
+            let request = Request::from_parts(parts, full(body));
+            let response = upstream
+                .send(call.connection.original_dst, request, false)
+                .await
+                .map_err(|err| Status::service_unavailable(err.to_string()))?;
+            let (head, body) = response.into_parts();
+            return Ok((head, read_bounded(body).await));
+        };
         let client = self.executor.as_ref().ok_or_else(|| {
             Status::service_unavailable(
                 "executeAs needs the agent's API client, which is not configured",
             )
         })?;
         let mut builder = Request::builder()
-            .method(call.parts.method.clone())
-            .uri(uri_text(&call.parts.uri));
-        for (header, value) in &call.parts.headers {
+            .method(parts.method.clone())
+            .uri(uri_text(&parts.uri));
+        for (header, value) in &parts.headers {
             // The caller's credential must not travel with the agent's.
             if header != AUTHORIZATION && !header.as_str().starts_with("impersonate-") {
                 builder = builder.header(header, value);
@@ -419,23 +441,19 @@ impl ApprovalGate {
                 "Impersonate-User",
                 format!("system:serviceaccount:{namespace}:{name}"),
             )
-            .body(kube::client::Body::from(call.body.to_vec()))
+            .body(kube::client::Body::from(body.to_vec()))
             .map_err(|err| Status::internal_error(format!("building the call: {err}")))?;
         let response = client.send(request).await.map_err(|err| {
-            Status::service_unavailable(format!("sending the approved call: {err}"))
+            Status::service_unavailable(format!("sending as {namespace}/{name}: {err}"))
         })?;
-        // kube's body is not Sync, which the proxy's boxed body must be; the answer to
-        // a write is one object, so it is read whole (bounded).
+        // kube's body is not Sync, which the proxy's boxed body must be: read it here.
         let (head, body) = response.into_parts();
         let bytes = Limited::new(body, MAX_PREVIEW_READ_BYTES)
             .collect()
             .await
-            .map_err(|err| Status::service_unavailable(format!("reading the answer: {err}")))?
-            .to_bytes();
-        let mut response = Response::from_parts(head, full(bytes));
-        response.headers_mut().remove(http::header::CONTENT_LENGTH);
-        super::upstream::strip_hop_by_hop(response.headers_mut(), false);
-        Ok(response)
+            .ok()
+            .map(|collected| collected.to_bytes());
+        Ok((head, bytes))
     }
 
     /// The server-side dry-run, and the live object to diff against.
@@ -443,13 +461,9 @@ impl ApprovalGate {
         let mut parts = call.parts.clone();
         parts.uri = with_dry_run(&parts.uri)?;
         ask_for_json(&mut parts.headers);
-        let request = Request::from_parts(parts, full(call.body.clone()));
-        let response = upstream
-            .send(call.connection.original_dst, request, false)
-            .await
-            .map_err(|err| Status::service_unavailable(format!("dry-run: {err}")))?;
-        let (head, body) = response.into_parts();
-        let bytes = read_bounded(body).await;
+        let (head, bytes) = self
+            .send_collected(upstream, call, parts, call.body.clone())
+            .await?;
         if !head.status.is_success() {
             // The API server's own answer, as it gave it: kubectl prints exactly what
             // it would have printed without Tollgate.
@@ -530,23 +544,18 @@ impl ApprovalGate {
         parts.headers.remove(CONTENT_TYPE);
         parts.headers.remove(http::header::CONTENT_LENGTH);
         ask_for_json(&mut parts.headers);
-        let request = Request::from_parts(parts, full(Bytes::new()));
-        let response = upstream
-            .send(call.connection.original_dst, request, false)
+        let (head, bytes) = self
+            .send_collected(upstream, call, parts, Bytes::new())
             .await
-            .map_err(|err| format!("the live object could not be read: {err}"))?;
-        match response.status() {
+            .map_err(|err| format!("the live object could not be read: {}", err.message))?;
+        match head.status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            code => {
-                return Err(format!(
-                    "the live object could not be read with the caller's token ({code})"
-                ))
-            }
+            code => return Err(format!(
+                "the live object could not be read by the account that would run the call ({code})"
+            )),
         }
-        let bytes = read_bounded(response.into_body())
-            .await
-            .ok_or_else(|| "the live object is too large to show".to_owned())?;
+        let bytes = bytes.ok_or_else(|| "the live object is too large to show".to_owned())?;
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|_| "the live object is not JSON".to_owned())
