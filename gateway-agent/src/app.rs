@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
+use crate::approvals::config as approvals_config;
 use crate::config::Config;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::discovery::{self, DiscoveryConfig, Enforcement, KernelMaps};
@@ -19,6 +20,7 @@ use crate::identity::{CacheConfig, Identity, KubeTokenReviewer};
 use crate::metrics::Metrics;
 use crate::policy::source::{self as policy_source, PolicySource};
 use crate::proxy::accept::{Acceptor, Origin, OriginLookup};
+use crate::proxy::approval::{ApprovalGate, OnCreated};
 use crate::proxy::{self, Gateway, Limits, PolicyHandle};
 use crate::readiness::Ready;
 
@@ -37,6 +39,10 @@ pub enum AppError {
     Policy(#[from] policy_source::LoadError),
     #[error("TLS: {0}")]
     Tls(#[from] proxy::tls::TlsError),
+    #[error("approvals: {0}")]
+    Approvals(String),
+    #[error("REST API: {0}")]
+    Api(#[from] crate::api::ApiError),
     #[error("proxy listener {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -194,6 +200,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         });
     }
 
+    // Approvals: the store, the expiry sweep, the webhook, and the reviewers' API.
+    let approvals = start_approvals(&config, &client, &metrics).await?;
+
     // The proxy.
     let gateway = Arc::new(Gateway {
         upstream: proxy::upstream::Upstream::new(
@@ -211,7 +220,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         },
         allow_unbound_tokens: config.allow_unbound_tokens,
         metrics: metrics.clone(),
-        approvals: None,
+        approvals: Some(approvals),
     });
     let acceptor = Arc::new(Acceptor {
         gateway,
@@ -252,6 +261,63 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     discovery_task.abort();
     admin_task.abort();
     Ok(())
+}
+
+/// Opens the approval store, cancels what this node held before it restarted, starts
+/// the expiry sweep and the REST API, and returns the proxy's approval gate.
+async fn start_approvals(
+    config: &Config,
+    client: &kube::Client,
+    metrics: &Metrics,
+) -> Result<Arc<ApprovalGate>, AppError> {
+    let store = approvals_config::open_store(&config.approvals, client.clone())
+        .await
+        .map_err(|e| AppError::Approvals(e.to_string()))?;
+    // A held call's client was connected to the process that held it: after a restart
+    // nobody waits for those any more.
+    match store.cancel_held_on_node(&config.node_name).await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            cancelled = n,
+            "held approvals of the previous run cancelled"
+        ),
+        Err(err) => warn!(%err, "could not cancel the previous run's held approvals"),
+    }
+    tokio::spawn(crate::approvals::store::run_expiry(
+        store.clone(),
+        config.approval_expiry_interval,
+    ));
+    let notifier = approvals_config::notifier(&config.approvals)
+        .map_err(|e| AppError::Approvals(e.to_string()))?;
+    let on_created = notifier.map(|notifier| {
+        Arc::new(move |approval: &crate::approvals::ApprovalRequest| {
+            // Delivery runs (and retries) in the background; failures are logged there.
+            drop(notifier.notify(approval));
+        }) as OnCreated
+    });
+
+    let api_state =
+        crate::api::ApiState::from_args(&config.api, store.clone(), client.clone()).await?;
+    let api_tls = config.api.tls_config(&config.tls_cert, &config.tls_key)?;
+    let api_listener = TcpListener::bind(config.api.api_listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.api.api_listen,
+            source,
+        })?;
+    tokio::spawn(crate::api::serve(
+        api_listener,
+        api_tls,
+        Arc::new(api_state),
+    ));
+    info!(store = store.kind(), api = %config.api.api_listen, "approvals ready");
+    Ok(Arc::new(ApprovalGate::new(
+        store,
+        config.node_name.clone(),
+        Some(client.clone()),
+        on_created,
+        metrics.clone(),
+    )))
 }
 
 async fn kube_client(config: &Config) -> Result<kube::Client, AppError> {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// `gateway-agent run` flags. Every flag may also come from the config file (same name
 /// in camelCase) or the environment variable shown.
-#[derive(Debug, Default, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// YAML file with any of the settings below (flags win).
     #[arg(long, env = "TOLLGATE_CONFIG")]
@@ -71,6 +71,15 @@ pub struct RunArgs {
     /// Largest request body forwarded, in bytes [default: 3145728, the API server's own].
     #[arg(long, env = "TOLLGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// How often pending approvals past their expiry are marked Expired [default: 5s].
+    #[arg(long, env = "TOLLGATE_APPROVAL_EXPIRY_INTERVAL", value_parser = parse_duration)]
+    pub approval_expiry_interval: Option<Duration>,
+    /// Where approvals are kept (flags and environment only, not the YAML file).
+    #[command(flatten)]
+    pub approvals: crate::approvals::config::ApprovalArgs,
+    /// The reviewers' REST API (flags and environment only, not the YAML file).
+    #[command(flatten)]
+    pub api: crate::api::ApiArgs,
 }
 
 /// The same settings as a YAML file.
@@ -112,12 +121,16 @@ pub struct Config {
     pub classify_timeout: Duration,
     pub allow_unbound_tokens: bool,
     pub max_body_bytes: usize,
+    pub approval_expiry_interval: Duration,
+    pub approvals: crate::approvals::config::ApprovalArgs,
+    pub api: crate::api::ApiArgs,
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 15443;
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15090";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tollgate";
 pub const DEFAULT_CLASSIFY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_APPROVAL_EXPIRY_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -264,6 +277,11 @@ impl Config {
                 .max_body_bytes
                 .or(file.max_body_bytes)
                 .unwrap_or(3 * 1024 * 1024),
+            approval_expiry_interval: args
+                .approval_expiry_interval
+                .unwrap_or(DEFAULT_APPROVAL_EXPIRY_INTERVAL),
+            approvals: args.approvals,
+            api: args.api,
         })
     }
 }
@@ -309,16 +327,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    /// The flags every test starts from, parsed as the CLI parses them (so the
+    /// defaults of flattened groups apply).
     fn args() -> RunArgs {
-        RunArgs {
-            node_name: Some("node1".into()),
-            proxy_addresses: vec!["10.244.1.1".parse().unwrap()],
-            tls_cert: Some("tls.crt".into()),
-            tls_key: Some("tls.key".into()),
-            cluster_ca: Some("ca.crt".into()),
-            policy_file: Some("policy.yaml".into()),
-            ..RunArgs::default()
-        }
+        let mut args = <Command as clap::Parser>::parse_from([
+            "run",
+            "--node-name=node1",
+            "--proxy-address=10.244.1.1",
+            "--tls-cert=tls.crt",
+            "--tls-key=tls.key",
+            "--cluster-ca=ca.crt",
+            "--policy-file=policy.yaml",
+        ])
+        .run;
+        // The test process's environment must not leak in.
+        args.kubeconfig = None;
+        args
     }
 
     #[test]

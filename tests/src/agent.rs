@@ -23,6 +23,8 @@ use crate::topology::{self, Netns, API_SERVER_IP, API_SERVER_PORT};
 pub const PROXY_PORT: u16 = 15443;
 /// The agent's admin port (loopback inside the node namespace).
 pub const ADMIN_PORT: u16 = 15090;
+/// The reviewers' REST API (TLS, on the node's address).
+pub const API_PORT: u16 = 15444;
 
 /// How to start an agent.
 #[derive(Debug, Clone)]
@@ -39,6 +41,15 @@ pub struct AgentOptions {
     pub policy_configmap: Option<String>,
     /// `--classify-timeout`.
     pub classify_timeout: Duration,
+    /// `--approval-store` (`embedded` or `kubernetes`); the agent's default when None.
+    pub approval_store: Option<String>,
+    /// `--state-dir`: give the same directory to a restarted agent to keep its
+    /// embedded store; a fresh one under the agent's directory when None.
+    pub state_dir: Option<PathBuf>,
+    /// More arguments for `run`.
+    pub extra_args: Vec<String>,
+    /// Adopt the pins under this bpffs directory (a restart) instead of a new one.
+    pub bpffs: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -49,6 +60,10 @@ impl AgentOptions {
             policy: policy.to_owned(),
             policy_configmap: None,
             classify_timeout: Duration::from_secs(5),
+            approval_store: None,
+            state_dir: None,
+            extra_args: Vec::new(),
+            bpffs: None,
         }
     }
 }
@@ -68,7 +83,13 @@ pub struct RunningAgent {
     pub bpffs: PathBuf,
     pub log: PathBuf,
     pub policy_file: PathBuf,
+    /// The REST API's CA (the cluster CA: the agent's certificate is issued from it).
+    pub ca_file: PathBuf,
+    /// The options it was started with (for [`RunningAgent::restart`]).
+    pub options: AgentOptions,
     cgroup: PathBuf,
+    /// Leave the kernel programs pinned on drop (a restart adopts them).
+    keep_pins: bool,
 }
 
 impl RunningAgent {
@@ -120,6 +141,9 @@ impl RunningAgent {
             tls.to_str().context("path")?,
             "--extra-san",
             &API_SERVER_IP.to_string(),
+            // The REST API is reached on the node's address.
+            "--extra-san",
+            &node.ip.to_string(),
         ]))?;
 
         let policy_file = dir.join("policy.yaml");
@@ -129,8 +153,16 @@ impl RunningAgent {
             .join("system.slice")
             .join(format!("tollgate-agent-{}.service", node.name));
         fs::create_dir_all(&cgroup)?;
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}"));
+        let bpffs = options
+            .bpffs
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}")));
         let log = dir.join("agent.log");
+        let state_dir = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("state"));
+        fs::create_dir_all(&state_dir)?;
         let mut cmd = node
             .netns_handle()
             .command_in_cgroup(&cgroup, &options.bin)?;
@@ -162,6 +194,16 @@ impl RunningAgent {
                 "--classify-timeout",
                 &format!("{}ms", options.classify_timeout.as_millis()),
             ])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(
+                options
+                    .approval_store
+                    .iter()
+                    .flat_map(|s| ["--approval-store".to_owned(), s.clone()]),
+            )
+            .args(["--api-listen", &format!("{}:{API_PORT}", node.ip)])
+            .args(&options.extra_args)
             .env("RUST_LOG", "info")
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null());
@@ -172,16 +214,55 @@ impl RunningAgent {
         let mut agent = RunningAgent {
             child: Some(child),
             _agents_lock: agents_lock,
-            bin: options.bin,
+            bin: options.bin.clone(),
             node,
             dir,
             bpffs,
             log,
             policy_file,
+            ca_file: pki.join("ca.crt"),
+            options,
             cgroup,
+            keep_pins: false,
         };
         agent.wait_ready(Duration::from_secs(60))?;
         Ok(agent)
+    }
+
+    /// Stops this agent and starts another with the same options, state directory and
+    /// pinned programs, as a DaemonSet rollout does: enforcement never stops.
+    pub fn restart(mut self, cluster: &Cluster) -> Result<RunningAgent> {
+        let mut options = self.options.clone();
+        options
+            .state_dir
+            .get_or_insert_with(|| self.dir.join("state"));
+        options.bpffs = Some(self.bpffs.clone());
+        self.keep_pins = true;
+        if let Some(policy) = fs::read_to_string(&self.policy_file).ok() {
+            options.policy = policy;
+        }
+        drop(self);
+        RunningAgent::start(cluster, options)
+    }
+
+    /// The REST API's base URL.
+    pub fn api_url(&self) -> String {
+        format!("https://{}:{API_PORT}", self.node.ip)
+    }
+
+    /// Runs `tg-agent approvals ARGS` in the node's network namespace against this
+    /// agent's REST API, as a reviewer holding `token`.
+    pub fn approvals_cli(&self, token: &str, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = self.node.netns_handle().command(&self.bin);
+        cmd.arg("approvals")
+            .args(args)
+            .args(["--server", &self.api_url()])
+            .arg("--certificate-authority")
+            .arg(&self.ca_file)
+            .env("TOLLGATE_TOKEN", token)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null());
+        cmd.output().context("running the approvals CLI")
     }
 
     /// Polls `/readyz` until it answers 200, failing early if the agent exits.
@@ -272,6 +353,9 @@ impl RunningAgent {
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         self.stop();
+        if self.keep_pins {
+            return;
+        }
         let _ = Command::new(&self.bin)
             .args(["datapath", "uninstall", "--bpffs"])
             .arg(&self.bpffs)

@@ -56,6 +56,22 @@ pub const SUITES: &[Suite] = &[
         // One agent per test on node 1: tests take turns.
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "approvals",
+        about: "held calls end to end: kubectl/kube-rs/client-go in enforced pods, reviewers over the REST API and CLI, both stores, two nodes (root)",
+        cargo_args: &[
+            "--package",
+            "tollgate-tests",
+            "--test",
+            "approval_stores",
+            "--test",
+            "approvals_api",
+            "--test",
+            "approvals",
+        ],
+        // Agents hold a per-node lock; the store and API tests share the cluster.
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {
