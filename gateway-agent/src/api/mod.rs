@@ -1,4 +1,584 @@
-//! The REST API under `/api/v1` (approvals; sessions later), served over TLS. (Being
-//! written.)
+//! The reviewers' REST API under `/api/v1` (DESIGN §5), served over TLS because it
+//! carries their bearer tokens.
+//!
+//! One request reads top to bottom in [`dispatch`]: route (a strict table, [`routes`]) →
+//! authenticate (OIDC or TokenReview, [`auth`]) → the endpoint, which authorizes with
+//! SubjectAccessReview ([`authz`]) once it knows the approval's namespace. Every error a
+//! client sees is a `metav1.Status`, built from [`ApiError`] in one place.
+//!
+//! - `GET  /api/v1/approvals[?state=pending][&watch=true]`
+//! - `GET  /api/v1/approvals/{id}`
+//! - `POST /api/v1/approvals/{id}/approve`, `/deny` with `{"reason": "..."}`
+//! - `GET  /api/v1/openapi.json` (no authentication; describes all of the above)
+//!
+//! [`client`] is the `gateway-agent approvals` CLI that talks to it.
 
+mod approvals;
+pub mod auth;
+pub mod authz;
 pub mod client;
+pub mod oidc;
+pub mod openapi;
+pub mod routes;
+#[cfg(test)]
+mod tests;
+mod watch;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::approvals::model::DecisionError;
+use crate::approvals::{Store, StoreError, Verdict};
+use crate::identity::{CacheConfig, Identity, KubeTokenReviewer};
+use crate::status::{Status, Subject};
+use auth::{AuthError, Authenticator};
+use authz::{Authorizer, AuthzError};
+use oidc::{KeySource, OidcConfig, OidcVerifier};
+use routes::{Endpoint, RouteError};
+
+/// Where the API listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15444";
+
+/// The REST API's flags (flattened into `gateway-agent run`). The OIDC ones mirror
+/// kube-apiserver's `--oidc-*` flags.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct ApiArgs {
+    /// Address the REST API listens on (HTTPS).
+    #[arg(long, env = "TOLLGATE_API_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub api_listen: SocketAddr,
+    /// Serving certificate of the REST API (PEM); default: the proxy's.
+    #[arg(long, env = "TOLLGATE_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// Key of --api-tls-cert (PEM); default: the proxy's.
+    #[arg(long, env = "TOLLGATE_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Accept OIDC ID tokens from this issuer (an https URL, equal to the tokens'
+    /// `iss`). Without it, every token goes to TokenReview.
+    #[arg(long, env = "TOLLGATE_OIDC_ISSUER_URL")]
+    pub oidc_issuer_url: Option<String>,
+    /// The audience (client id) OIDC tokens must be issued for; required with
+    /// --oidc-issuer-url.
+    #[arg(long, env = "TOLLGATE_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// The issuer's keys as a JWKS file; without it they are fetched through the
+    /// issuer's discovery document.
+    #[arg(long, env = "TOLLGATE_OIDC_JWKS_FILE")]
+    pub oidc_jwks_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed the issuer's HTTPS certificate; default: the
+    /// system's trust roots.
+    #[arg(long, env = "TOLLGATE_OIDC_CA_FILE")]
+    pub oidc_ca_file: Option<PathBuf>,
+    /// The claim that names the user.
+    #[arg(long, env = "TOLLGATE_OIDC_USERNAME_CLAIM", default_value = "sub")]
+    pub oidc_username_claim: String,
+    /// The claim that lists the user's groups.
+    #[arg(long, env = "TOLLGATE_OIDC_GROUPS_CLAIM", default_value = "groups")]
+    pub oidc_groups_claim: String,
+    /// Prefix for OIDC user names; default `<issuer>#` unless the claim is `email`;
+    /// `-` for none.
+    #[arg(long, env = "TOLLGATE_OIDC_USERNAME_PREFIX")]
+    pub oidc_username_prefix: Option<String>,
+    /// Prefix for OIDC groups (e.g. `oidc:`).
+    #[arg(long, env = "TOLLGATE_OIDC_GROUPS_PREFIX", default_value = "")]
+    pub oidc_groups_prefix: String,
+}
+
+impl Default for ApiArgs {
+    /// The same values as the flags' defaults.
+    fn default() -> Self {
+        ApiArgs {
+            api_listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([0; 4], 15444))),
+            api_tls_cert: None,
+            api_tls_key: None,
+            oidc_issuer_url: None,
+            oidc_audience: None,
+            oidc_jwks_file: None,
+            oidc_ca_file: None,
+            oidc_username_claim: "sub".to_owned(),
+            oidc_groups_claim: "groups".to_owned(),
+            oidc_username_prefix: None,
+            oidc_groups_prefix: String::new(),
+        }
+    }
+}
+
+impl ApiArgs {
+    /// The OIDC settings, checked; `None` when no issuer is configured.
+    pub fn oidc_config(&self) -> Result<Option<OidcConfig>, ApiError> {
+        let Some(issuer) = self.oidc_issuer_url.clone() else {
+            if self.oidc_audience.is_some() || self.oidc_jwks_file.is_some() {
+                return Err(ApiError::Config(
+                    "--oidc-audience and --oidc-jwks-file need --oidc-issuer-url".to_owned(),
+                ));
+            }
+            return Ok(None);
+        };
+        // kube-apiserver insists on https too: the issuer URL is where keys come from.
+        if !issuer.starts_with("https://") {
+            return Err(ApiError::Config(format!(
+                "--oidc-issuer-url {issuer:?} must be an https URL"
+            )));
+        }
+        let audience = self
+            .oidc_audience
+            .clone()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| {
+                ApiError::Config("--oidc-issuer-url needs --oidc-audience".to_owned())
+            })?;
+        Ok(Some(OidcConfig {
+            issuer,
+            audience,
+            keys: match &self.oidc_jwks_file {
+                Some(path) => KeySource::File(path.clone()),
+                None => KeySource::Discovery {
+                    ca_file: self.oidc_ca_file.clone(),
+                },
+            },
+            username_claim: self.oidc_username_claim.clone(),
+            groups_claim: self.oidc_groups_claim.clone(),
+            username_prefix: self.oidc_username_prefix.clone(),
+            groups_prefix: self.oidc_groups_prefix.clone(),
+        }))
+    }
+
+    /// The serving TLS config: --api-tls-cert/--api-tls-key, or the given defaults
+    /// (the proxy's certificate) when neither is set.
+    pub fn tls_config(
+        &self,
+        default_cert: &Path,
+        default_key: &Path,
+    ) -> Result<Arc<rustls::ServerConfig>, ApiError> {
+        let (cert, key) = match (&self.api_tls_cert, &self.api_tls_key) {
+            (Some(cert), Some(key)) => (cert.as_path(), key.as_path()),
+            (None, None) => (default_cert, default_key),
+            _ => {
+                return Err(ApiError::Config(
+                    "--api-tls-cert and --api-tls-key go together".to_owned(),
+                ))
+            }
+        };
+        crate::proxy::tls::server_config(cert, key).map_err(|err| ApiError::Config(err.to_string()))
+    }
+}
+
+/// Bounds on what one client can make the server do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body (a decision's reason).
+    pub max_body_bytes: usize,
+    /// How long a client may take to send the body.
+    pub body_timeout: Duration,
+    /// A watch ends after this long (clients reconnect); `?timeoutSeconds=` may ask
+    /// for less.
+    pub max_watch: Duration,
+    /// Connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024,
+            body_timeout: Duration::from_secs(30),
+            max_watch: Duration::from_secs(30 * 60),
+            max_connections: 512,
+        }
+    }
+}
+
+/// What the handlers share: the approval store, authentication, authorization.
+pub struct ApiState {
+    pub store: Store,
+    pub authn: Authenticator,
+    pub authz: Authorizer,
+    pub limits: Limits,
+    /// Watches streaming now (for tests and metrics).
+    watches: AtomicUsize,
+}
+
+impl ApiState {
+    pub fn new(store: Store, authn: Authenticator, authz: Authorizer) -> ApiState {
+        ApiState {
+            store,
+            authn,
+            authz,
+            limits: Limits::default(),
+            watches: AtomicUsize::new(0),
+        }
+    }
+
+    /// The state as `gateway-agent run` builds it: TokenReview and SubjectAccessReview
+    /// through `client` (the agent's credentials), OIDC when configured.
+    pub async fn from_args(
+        args: &ApiArgs,
+        store: Store,
+        client: kube::Client,
+    ) -> Result<ApiState, ApiError> {
+        let oidc = match args.oidc_config()? {
+            Some(config) => Some(OidcVerifier::new(config).await),
+            None => None,
+        };
+        let tokens = Arc::new(Identity::new(
+            KubeTokenReviewer::new(client.clone()),
+            CacheConfig::default(),
+        ));
+        Ok(ApiState::new(
+            store,
+            Authenticator::new(tokens, oidc),
+            Authorizer::kube(client),
+        ))
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> ApiState {
+        self.limits = limits;
+        self
+    }
+
+    /// How many watch streams are open.
+    pub fn active_watches(&self) -> usize {
+        self.watches.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything that can go wrong with a request, each becoming one Status in
+/// [`ApiError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Authz(#[from] AuthzError),
+    /// SubjectAccessReview said no.
+    #[error("{user} may not {verb} approvals")]
+    Forbidden {
+        user: String,
+        verb: &'static str,
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("approval {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("unsupported content type {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Decision(#[from] DecisionError),
+    #[error("{0}")]
+    Store(StoreError),
+    /// Bad flags, found at start.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            // The closure's own refusal is a decision error, whatever store ran it.
+            StoreError::Rejected(decision) => ApiError::Decision(decision),
+            StoreError::NotFound(id) => ApiError::NotFound(id),
+            other => ApiError::Store(other),
+        }
+    }
+}
+
+impl ApiError {
+    /// The Status the client gets. `request_id` goes into messages about our own
+    /// faults, so an operator can find the log line.
+    pub fn status(&self, request_id: &str) -> Status {
+        fn approval(name: &str) -> Subject<'_> {
+            Subject {
+                group: authz::GROUP,
+                resource: authz::RESOURCE,
+                name,
+            }
+        }
+        match self {
+            ApiError::Route(RouteError::NotFound) => {
+                Status::failure(404, "NotFound", self.to_string())
+            }
+            ApiError::Route(RouteError::MethodNotAllowed { .. }) => {
+                Status::failure(405, "MethodNotAllowed", self.to_string())
+            }
+            ApiError::Auth(AuthError::Unavailable(_)) | ApiError::Authz(_) => {
+                Status::service_unavailable(self.to_string())
+            }
+            ApiError::Auth(_) => Status::unauthorized(format!("Unauthorized: {self}")),
+            ApiError::Forbidden {
+                user,
+                verb,
+                namespace,
+                name,
+                reason,
+            } => {
+                // Worded as the API server words RBAC refusals.
+                let mut why = format!(
+                    "User {user:?} cannot {verb} resource {:?} in API group {:?}",
+                    authz::RESOURCE,
+                    authz::GROUP
+                );
+                if namespace.is_empty() {
+                    why.push_str(" at the cluster scope");
+                } else {
+                    why.push_str(&format!(" in the namespace {namespace:?}"));
+                }
+                if !reason.is_empty() {
+                    why.push_str(&format!(": {reason}"));
+                }
+                Status::forbidden(&approval(name), &why)
+            }
+            ApiError::NotFound(id) => Status::failure(
+                404,
+                "NotFound",
+                format!("{}.{} {id:?} not found", authz::RESOURCE, authz::GROUP),
+            )
+            .with_details(crate::status::StatusDetails {
+                name: id.clone(),
+                group: authz::GROUP.to_owned(),
+                kind: authz::RESOURCE.to_owned(),
+                ..Default::default()
+            }),
+            ApiError::BadRequest(_) => Status::bad_request(self.to_string()),
+            ApiError::TooLarge(limit) => Status::request_entity_too_large(*limit),
+            ApiError::UnsupportedMediaType(_) => {
+                Status::failure(415, "UnsupportedMediaType", self.to_string())
+            }
+            ApiError::Decision(err) => match err {
+                DecisionError::SelfReview { .. } | DecisionError::NotInStepGroups { .. } => {
+                    Status::forbidden(&approval(""), &err.to_string())
+                }
+                DecisionError::MissingReason => Status::bad_request(err.to_string()),
+                DecisionError::AlreadyFinal { .. }
+                | DecisionError::AlreadyApproved { .. }
+                | DecisionError::NotApproved { .. }
+                | DecisionError::AlreadyExecuted { .. } => {
+                    Status::failure(409, "Conflict", err.to_string())
+                }
+            },
+            ApiError::Store(StoreError::Conflict(_) | StoreError::Exists(_)) => {
+                Status::failure(409, "Conflict", self.to_string())
+            }
+            ApiError::Store(_) | ApiError::Config(_) => Status::internal_error(format!(
+                "the approval store failed; see the agent's log for request {request_id}"
+            )),
+        }
+    }
+
+    fn into_response(self, request_id: &str) -> Response<Body> {
+        let status = self.status(request_id);
+        let mut response = json_response(
+            StatusCode::from_u16(status.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            status.to_json(),
+        );
+        match &self {
+            ApiError::Route(RouteError::MethodNotAllowed { allow, .. }) => {
+                if let Ok(v) = HeaderValue::from_str(allow) {
+                    response.headers_mut().insert(ALLOW, v);
+                }
+            }
+            ApiError::Auth(AuthError::NoCredential(_) | AuthError::Rejected(_)) => {
+                response.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tollgate\""),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The response body: whole JSON documents or a stream of watch events.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+fn json_response(code: StatusCode, json: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(json)).boxed());
+    *response.status_mut() = code;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Serves the API on `listener` until the task is dropped. Each connection is TLS
+/// (`tls`, from [`ApiArgs::tls_config`]) with HTTP/1.1 or HTTP/2.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state: Arc<ApiState>) {
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(tokio::sync::Semaphore::new(state.limits.max_connections));
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "REST API listening");
+    }
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's
+        // queue instead of holding a task each.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "REST API accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(
+            async move {
+                serve_connection(stream, acceptor, state).await;
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("api_connection", %peer)),
+        );
+    }
+}
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    state: Arc<ApiState>,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            debug!(%err, "REST API TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("REST API TLS handshake timed out");
+            return;
+        }
+    };
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(64);
+    if let Err(err) = builder.serve_connection(TokioIo::new(tls), service).await {
+        debug!(%err, "REST API connection ended with an error");
+    }
+}
+
+/// One request: a span with its id, the dispatch, one log line with the outcome.
+/// Generic over the body so tests can call it without a connection.
+pub async fn handle<B>(state: &Arc<ApiState>, request: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let request_id = next_request_id();
+    let span = tracing::info_span!(
+        "api",
+        id = %request_id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        user = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let mut response = match dispatch(state, request).instrument(span.clone()).await {
+        Ok(response) => response,
+        Err(err) => {
+            let code = err.status(&request_id).code;
+            // Our own faults are errors; a client's mistakes are routine.
+            if code >= 500 {
+                span.in_scope(|| warn!(%err, code, "request failed"));
+            } else {
+                span.in_scope(|| debug!(%err, code, "request refused"));
+            }
+            err.into_response(&request_id)
+        }
+    };
+    span.in_scope(|| {
+        info!(
+            code = response.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "api request"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// Route → authenticate → endpoint.
+async fn dispatch<B>(state: &Arc<ApiState>, request: Request<B>) -> Result<Response<Body>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let matched = routes::route(request.method(), request.uri().path())?;
+    if matched.endpoint == Endpoint::OpenApi {
+        // Public: it describes the API, and clients need it before they have a token.
+        return Ok(openapi_response());
+    }
+    let caller = state.authn.authenticate(request.headers()).await?;
+    tracing::Span::current().record("user", caller.username.as_str());
+    let id = matched.id.unwrap_or_default();
+    match matched.endpoint {
+        Endpoint::OpenApi => Ok(openapi_response()),
+        Endpoint::ListApprovals => approvals::list(state, &caller, request.uri().query()).await,
+        Endpoint::GetApproval => approvals::get(state, &caller, &id).await,
+        Endpoint::Approve => {
+            approvals::decide(state, &caller, &id, Verdict::Approve, request).await
+        }
+        Endpoint::Deny => approvals::decide(state, &caller, &id, Verdict::Deny, request).await,
+    }
+}
+
+fn openapi_response() -> Response<Body> {
+    json_response(StatusCode::OK, openapi::DOCUMENT.as_bytes().to_vec())
+}
+
+/// `api-<process prefix>-<counter>`: unique per process and across restarts without
+/// reading randomness per request.
+fn next_request_id() -> String {
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
+            .unwrap_or(0);
+        nanos ^ std::process::id().rotate_left(16)
+    });
+    format!(
+        "api-{prefix:08x}-{}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

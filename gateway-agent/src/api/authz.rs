@@ -1,0 +1,328 @@
+//! What a caller may do: SubjectAccessReview on `approvalrequests.tollgate.dev`, so the
+//! cluster's RBAC decides who may read and who may decide on approvals.
+//!
+//! Reads use `get`, `list` and `watch`; decisions use the custom verbs `approve` and
+//! `deny` (RBAC rules may name any verb), so "may see the queue" and "may approve" are
+//! separate grants. The namespace is the requesting pod's, so a Role in a team's
+//! namespace makes its members reviewers of that team's agents.
+//!
+//! Answers are cached briefly and boundedly: a reviewer paging through the queue costs
+//! one review per namespace every few seconds, and a revoked grant stops working within
+//! that bound.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::auth::Caller;
+
+/// The API group and resource every review is about.
+pub const GROUP: &str = "tollgate.dev";
+pub const RESOURCE: &str = "approvalrequests";
+
+/// What is asked: `verb` on the approvals in `namespace` (empty: every namespace),
+/// `name` (empty: any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attributes {
+    pub verb: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The authorizer's answer; `reason` is RBAC's explanation when it gives one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("SubjectAccessReview could not be performed: {0}")]
+    Unavailable(String),
+}
+
+/// The call to the API server (a trait so the cache and the handlers are testable
+/// without one).
+pub trait AccessReviewer: Send + Sync + 'static {
+    fn review<'a>(
+        &'a self,
+        caller: &'a Caller,
+        attributes: &'a Attributes,
+    ) -> Pin<Box<dyn Future<Output = Result<Access, AuthzError>> + Send + 'a>>;
+}
+
+/// Bounds of the answer cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub allowed_ttl: Duration,
+    pub denied_ttl: Duration,
+    pub max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            allowed_ttl: Duration::from_secs(5),
+            // Short, so a reviewer who was just granted the role can use it at once.
+            denied_ttl: Duration::from_secs(2),
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// SubjectAccessReview with a bounded cache in front.
+pub struct Authorizer {
+    reviewer: Box<dyn AccessReviewer>,
+    config: CacheConfig,
+    cache: Mutex<HashMap<[u8; 32], (Access, Instant)>>,
+}
+
+impl Authorizer {
+    pub fn new(reviewer: Box<dyn AccessReviewer>, config: CacheConfig) -> Authorizer {
+        Authorizer {
+            reviewer,
+            config,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Asks the API server with the agent's own credentials (which need `create` on
+    /// `subjectaccessreviews.authorization.k8s.io`).
+    pub fn kube(client: kube::Client) -> Authorizer {
+        Authorizer::new(
+            Box::new(KubeAccessReviewer { client }),
+            CacheConfig::default(),
+        )
+    }
+
+    pub async fn check(
+        &self,
+        caller: &Caller,
+        attributes: &Attributes,
+    ) -> Result<Access, AuthzError> {
+        let key = cache_key(caller, attributes);
+        let now = Instant::now();
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((access, expires)) = cache.get(&key) {
+                if *expires > now {
+                    return Ok(access.clone());
+                }
+            }
+        }
+        let access = self.reviewer.review(caller, attributes).await?;
+        let ttl = if access.allowed {
+            self.config.allowed_ttl
+        } else {
+            self.config.denied_ttl
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= self.config.max_entries {
+            cache.retain(|_, (_, expires)| *expires > now);
+            // Still full of live answers: start over rather than scan for the oldest;
+            // at worst a few reviews are asked again.
+            if cache.len() >= self.config.max_entries {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (access.clone(), now + ttl));
+        Ok(access)
+    }
+
+    pub fn cached_entries(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A digest of everything the answer depends on. Every field is length-prefixed, so
+/// two different callers can never produce the same byte string.
+fn cache_key(caller: &Caller, attributes: &Attributes) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    let mut field = |s: &str| {
+        hash.update((s.len() as u64).to_be_bytes());
+        hash.update(s.as_bytes());
+    };
+    field(&caller.username);
+    field(&caller.uid);
+    field(&caller.groups.len().to_string());
+    for g in &caller.groups {
+        field(g);
+    }
+    field(&caller.extra.len().to_string());
+    for (k, values) in &caller.extra {
+        field(k);
+        field(&values.len().to_string());
+        for v in values {
+            field(v);
+        }
+    }
+    field(attributes.verb);
+    field(&attributes.namespace);
+    field(&attributes.name);
+    hash.finalize().into()
+}
+
+/// SubjectAccessReview (`authorization.k8s.io/v1`) through the API server.
+pub struct KubeAccessReviewer {
+    client: kube::Client,
+}
+
+impl AccessReviewer for KubeAccessReviewer {
+    fn review<'a>(
+        &'a self,
+        caller: &'a Caller,
+        attributes: &'a Attributes,
+    ) -> Pin<Box<dyn Future<Output = Result<Access, AuthzError>> + Send + 'a>> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+        };
+        Box::pin(async move {
+            let api: kube::Api<SubjectAccessReview> = kube::Api::all(self.client.clone());
+            let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(caller.username.clone()),
+                    uid: non_empty(&caller.uid),
+                    groups: Some(caller.groups.clone()),
+                    extra: (!caller.extra.is_empty()).then(|| caller.extra.clone()),
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some(GROUP.to_owned()),
+                        resource: Some(RESOURCE.to_owned()),
+                        verb: Some(attributes.verb.to_owned()),
+                        namespace: non_empty(&attributes.namespace),
+                        name: non_empty(&attributes.name),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SubjectAccessReviewSpec::default()
+                },
+                ..SubjectAccessReview::default()
+            };
+            let answer = api
+                .create(&kube::api::PostParams::default(), &review)
+                .await
+                .map_err(|err| AuthzError::Unavailable(err.to_string()))?;
+            let status = answer.status.unwrap_or_default();
+            Ok(Access {
+                // `denied` can only say no; `allowed` is what grants.
+                allowed: status.allowed && status.denied != Some(true),
+                reason: status
+                    .reason
+                    .or(status.evaluation_error)
+                    .unwrap_or_default(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    struct Counting(Arc<AtomicUsize>);
+
+    impl AccessReviewer for Counting {
+        fn review<'a>(
+            &'a self,
+            caller: &'a Caller,
+            attributes: &'a Attributes,
+        ) -> Pin<Box<dyn Future<Output = Result<Access, AuthzError>> + Send + 'a>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                Ok(Access {
+                    allowed: caller.username == "alice" && attributes.namespace == "team",
+                    reason: String::new(),
+                })
+            })
+        }
+    }
+
+    fn caller(name: &str, groups: &[&str]) -> Caller {
+        Caller {
+            username: name.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..Caller::default()
+        }
+    }
+
+    fn attrs(verb: &'static str, ns: &str) -> Attributes {
+        Attributes {
+            verb,
+            namespace: ns.into(),
+            name: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_cached_per_caller_and_question() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let authz = Authorizer::new(Box::new(Counting(calls.clone())), CacheConfig::default());
+        let alice = caller("alice", &["a"]);
+        for _ in 0..3 {
+            assert!(
+                authz
+                    .check(&alice, &attrs("list", "team"))
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(
+            !authz
+                .check(&alice, &attrs("list", ""))
+                .await
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            authz
+                .check(&alice, &attrs("approve", "team"))
+                .await
+                .unwrap()
+                .allowed
+        );
+        // Another group set is another caller.
+        authz
+            .check(&caller("alice", &["a", "b"]), &attrs("list", "team"))
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn cache_keys_cannot_be_forged_by_moving_separators() {
+        let a = caller("ab", &["c"]);
+        let b = caller("a", &["bc"]);
+        assert_ne!(
+            cache_key(&a, &attrs("get", "x")),
+            cache_key(&b, &attrs("get", "x"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let authz = Authorizer::new(
+            Box::new(Counting(calls)),
+            CacheConfig {
+                max_entries: 10,
+                ..CacheConfig::default()
+            },
+        );
+        for i in 0..100 {
+            authz
+                .check(&caller(&format!("u{i}"), &[]), &attrs("get", "team"))
+                .await
+                .unwrap();
+        }
+        assert!(authz.cached_entries() <= 10);
+    }
+}
