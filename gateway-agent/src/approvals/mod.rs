@@ -5,7 +5,9 @@
 //! - [`store`]: where approvals live (embedded redb file, or Kubernetes custom
 //!   resources shared by every node).
 //! - [`notify`]: the signed webhook sent on each new approval.
+//! - [`config`]: the agent's approval flags, and opening the store and notifier.
 
+pub mod config;
 pub mod model;
 pub mod notify;
 pub mod store;
