@@ -445,6 +445,14 @@ mod tests {
     /// A webhook receiver on loopback answering with `statuses` in turn (the last one
     /// from then on); returns its address and what it received.
     async fn receiver(statuses: Vec<u16>) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
+        serve(statuses, None).await
+    }
+
+    /// [`receiver`], over TLS with `tls` when given.
+    async fn serve(
+        statuses: Vec<u16>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (SocketAddr, Arc<Mutex<Vec<Received>>>) {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .expect("bind loopback");
@@ -491,10 +499,18 @@ mod tests {
                         Ok::<_, hyper::Error>(response)
                     }
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => return,
+                        },
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                    };
                 });
             }
         });
@@ -614,6 +630,59 @@ mod tests {
             matches!(err, NotifyError::GaveUp { attempts: 4, .. }),
             "{err}"
         );
+    }
+
+    /// An https receiver whose certificate is trusted through `ca_file` (no system
+    /// roots needed); without that CA the handshake fails on every attempt.
+    #[tokio::test]
+    async fn https_with_a_ca_file() {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+        let dir = crate::approvals::store::testing::temp_dir("webhook-tls");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (addr, received) = serve(vec![200], Some(acceptor)).await;
+
+        let summary = Summary::of(&approval("ar-0000000000000005", "fp", "now"));
+        let mut config = NotifyConfig::new(format!("https://{addr}/hook"), SECRET.into());
+        config.ca_file = Some(ca_file);
+        let status = Notifier::new(config).unwrap().send(&summary).await;
+        assert_eq!(status.unwrap(), 200);
+        let got = received.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert!(verify_signature(
+            SECRET,
+            &got[0].timestamp,
+            &got[0].body,
+            &got[0].signature
+        ));
+
+        let mut untrusted = NotifyConfig::new(format!("https://{addr}/hook"), SECRET.into());
+        untrusted.ca_file = Some(dir.path().join("other.pem"));
+        let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        std::fs::write(dir.path().join("other.pem"), other.cert.pem()).unwrap();
+        untrusted.attempts = 2;
+        untrusted.first_backoff = Duration::from_millis(10);
+        let err = Notifier::new(untrusted)
+            .unwrap()
+            .send(&summary)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, NotifyError::GaveUp { last, .. } if last.contains("certificate")),
+            "{err}"
+        );
+        assert_eq!(received.lock().unwrap().len(), 1);
     }
 
     #[test]
