@@ -45,7 +45,23 @@
 //!     request:
 //!       verbs: [create, update, patch, delete]
 //!       resources: [deployments, statefulsets, daemonsets]
+//! masking:                  # what enforced pods may read (DESIGN §6); see crate::masking
+//!   secrets: mask           # mask (the default) | refuse (every call on Secrets: 403)
+//!   maxObjectBytes: 16777216
+//!   detectors: {privateKeys: true, tokens: true, cloudKeys: true, patterns: [], kinds: []}
+//!   rules:                  # replaces the default rules (credential-named env values
+//!     - name: env-credentials   # of pod templates, ConfigMap keys); omit to keep them
+//!       kinds: [Pod, Deployment]
+//!       path: "@podSpec.containers|initContainers[].env[].value"
+//!       namePattern: "(?i)password|token|secret|key"
+//!       action: mask        # mask | refuse (the read is answered 403)
 //! ```
+//!
+//! Without a `masking` section the defaults apply: Secret values, last-applied
+//! annotations and credential-named env values and ConfigMap keys are masked and the
+//! value detectors run (secure by default). A broken masking section (an unknown key, a
+//! bad path or pattern, a rule named twice) is refused with its location like any other
+//! problem, so a typo can never switch masking off.
 
 pub mod source;
 
@@ -57,6 +73,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::masking::{self, Masker, MaskingConfig};
 use crate::proxy::classify::RequestInfo;
 
 /// What a rule decides.
@@ -83,6 +100,9 @@ impl fmt::Display for Action {
 pub struct Policy {
     pub default: Action,
     pub rules: Vec<Rule>,
+    /// The compiled `masking` section (the defaults when absent), applied to what
+    /// enforced pods read.
+    pub masker: Arc<Masker>,
 }
 
 /// One validated rule.
@@ -183,6 +203,7 @@ impl Policy {
         Policy {
             default: Action::Deny,
             rules: Vec::new(),
+            masker: masking::default_masker(),
         }
     }
 
@@ -222,20 +243,39 @@ pub fn impersonation_rbac(policy: &Policy, agent_namespace: &str, agent_account:
     }
     for (namespace, name) in accounts {
         let role = format!("tollgate-impersonate-{name}");
-        out.push_str(&format!(
-            "---\n\
-apiVersion: rbac.authorization.k8s.io/v1\n\
-kind: Role\n\
-metadata:\n  name: {role}\n  namespace: {namespace}\n\
-rules:\n\
-  - apiGroups: [\"\"]\n    resources: [serviceaccounts]\n    resourceNames: [{name}]\n    verbs: [impersonate]\n\
----\n\
-apiVersion: rbac.authorization.k8s.io/v1\n\
-kind: RoleBinding\n\
-metadata:\n  name: {role}\n  namespace: {namespace}\n\
-roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: {role}\n\
-subjects:\n  - kind: ServiceAccount\n    name: {agent_account}\n    namespace: {agent_namespace}\n"
-        ));
+        // Written line by line: YAML indentation must survive (a `\` line continuation
+        // in a Rust string would eat it).
+        let lines = [
+            "---".to_owned(),
+            "apiVersion: rbac.authorization.k8s.io/v1".to_owned(),
+            "kind: Role".to_owned(),
+            "metadata:".to_owned(),
+            format!("  name: {role}"),
+            format!("  namespace: {namespace}"),
+            "rules:".to_owned(),
+            "  - apiGroups: [\"\"]".to_owned(),
+            "    resources: [serviceaccounts]".to_owned(),
+            format!("    resourceNames: [{name}]"),
+            "    verbs: [impersonate]".to_owned(),
+            "---".to_owned(),
+            "apiVersion: rbac.authorization.k8s.io/v1".to_owned(),
+            "kind: RoleBinding".to_owned(),
+            "metadata:".to_owned(),
+            format!("  name: {role}"),
+            format!("  namespace: {namespace}"),
+            "roleRef:".to_owned(),
+            "  apiGroup: rbac.authorization.k8s.io".to_owned(),
+            "  kind: Role".to_owned(),
+            format!("  name: {role}"),
+            "subjects:".to_owned(),
+            "  - kind: ServiceAccount".to_owned(),
+            format!("    name: {agent_account}"),
+            format!("    namespace: {agent_namespace}"),
+        ];
+        for line in lines {
+            out.push_str(&line);
+            out.push('\n');
+        }
     }
     out
 }
@@ -412,6 +452,24 @@ struct RawPolicy {
     default: Option<S<String>>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    masking: Option<S<RawMasking>>,
+}
+
+/// The `masking` section as written: [`MaskingConfig`]'s shape, with locations kept
+/// for the parts that can be wrong beyond their syntax.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMasking {
+    #[serde(default)]
+    secrets: Option<masking::Action>,
+    #[serde(default)]
+    max_object_bytes: Option<S<usize>>,
+    #[serde(default)]
+    detectors: Option<S<masking::DetectorsConfig>>,
+    /// Absent: the default rules; given (even empty): exactly these.
+    #[serde(default)]
+    rules: Option<Vec<S<masking::RuleConfig>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -662,6 +720,59 @@ fn approval_rule(
     }))
 }
 
+/// Compiles the `masking` section; every problem is reported at the part it is about
+/// (the section, its detectors, or the rule).
+fn masking_section(raw: Option<S<RawMasking>>, problems: &mut Problems) -> Arc<Masker> {
+    let Some(raw) = raw else {
+        return masking::default_masker();
+    };
+    let reported = problems.0.len();
+    let mut config = MaskingConfig::default();
+    let section = &raw.value;
+    if let Some(secrets) = section.secrets {
+        config.secrets = secrets;
+    }
+    if let Some(max) = &section.max_object_bytes {
+        if max.value < 1024 {
+            problems.at(max, "maxObjectBytes must be at least 1024");
+        }
+        config.max_object_bytes = max.value.max(1024);
+    }
+    if let Some(detectors) = &section.detectors {
+        if let Err(err) = masking::detectors::Detectors::new(&detectors.value) {
+            problems.at(detectors, err.to_string());
+        }
+        config.detectors = detectors.value.clone();
+    }
+    if let Some(rules) = &section.rules {
+        let mut names = HashSet::new();
+        for rule in rules {
+            if rule.value.name.trim().is_empty() {
+                problems.at(rule, "a masking rule needs a name");
+            } else if !names.insert(rule.value.name.as_str()) {
+                problems.at(
+                    rule,
+                    format!("masking rule name {:?} is used twice", rule.value.name),
+                );
+            } else if let Err(err) = masking::rules::Rule::compile(&rule.value) {
+                problems.at(rule, err.to_string());
+            }
+        }
+        config.rules = rules.iter().map(|r| r.value.clone()).collect();
+    }
+    match Masker::new(&config) {
+        Ok(masker) => Arc::new(masker),
+        Err(err) => {
+            // Only reached for a problem already reported above; never let a broken
+            // section through, even so.
+            if problems.0.len() == reported {
+                problems.at(&raw, err.to_string());
+            }
+            masking::default_masker()
+        }
+    }
+}
+
 fn valid_dns_label(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
@@ -816,6 +927,7 @@ impl RawPolicy {
             };
             rules.push(rule);
         }
+        let masker = masking_section(self.masking, &mut problems);
         if !problems.0.is_empty() {
             return Err(PolicyError {
                 problems: problems.0,
@@ -824,6 +936,7 @@ impl RawPolicy {
         Ok(Policy {
             default: default.unwrap_or(Action::Deny),
             rules,
+            masker,
         })
     }
 }
