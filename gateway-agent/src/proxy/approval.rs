@@ -551,9 +551,11 @@ impl ApprovalGate {
         match head.status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
-            code => return Err(format!(
+            code => {
+                return Err(format!(
                 "the live object could not be read by the account that would run the call ({code})"
-            )),
+            ))
+            }
         }
         let bytes = bytes.ok_or_else(|| "the live object is too large to show".to_owned())?;
         serde_json::from_slice(&bytes)
