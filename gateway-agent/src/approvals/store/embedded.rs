@@ -520,6 +520,35 @@ mod tests {
             "{err}"
         );
 
+        // A real store cut short (a disk that filled up, a bad copy).
+        let cut = dir.path().join("cut.redb");
+        {
+            let store = EmbeddedStore::open(&cut).expect("open");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            for n in 0..50 {
+                let id = format!("ar-{n:016x}");
+                rt.block_on(store.create(approval(&id, "fp", "2026-01-01T10:00:00Z")))
+                    .unwrap();
+            }
+        }
+        let len = std::fs::metadata(&cut).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+        file.set_len(len / 2).unwrap();
+        drop(file);
+        match EmbeddedStore::open(&cut) {
+            Err(StoreError::Embedded(m)) => assert!(m.contains("cut.redb"), "{m}"),
+            Err(other) => panic!("unexpected error {other}"),
+            // redb may recover an older committed state; what it keeps must read.
+            Ok(store) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(store.list(None)).expect("list after recovery");
+            }
+        }
+
         // A directory where the file should be.
         let err = EmbeddedStore::open(dir.path()).err().expect("directory");
         assert!(matches!(err, StoreError::Embedded(_)), "{err}");
