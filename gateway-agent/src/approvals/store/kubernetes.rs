@@ -604,4 +604,56 @@ mod tests {
         cache.apply(&watcher::Event::Apply(broken));
         assert!(changes.try_recv().is_err());
     }
+
+    /// Without the CRD the API server answers 404 for the resource: `start` says what
+    /// to install instead of watching forever. (A stand-in API server on loopback.)
+    #[tokio::test]
+    async fn start_without_the_crd_is_a_clear_error() {
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("address");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let paths = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let paths = paths.clone();
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    paths.lock().unwrap().push(request.uri().path().to_owned());
+                    let body = json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404,
+                        "message": "the server could not find the requested resource",
+                    });
+                    async move {
+                        http::Response::builder()
+                            .status(404)
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                body.to_string(),
+                            )))
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().expect("uri"));
+        let client = Client::try_from(config).expect("client");
+        let err = KubeStore::start(client).await.err().expect("refused");
+        assert!(
+            matches!(&err, StoreError::Kubernetes(m) if m.contains("CRD is not installed")),
+            "{err}"
+        );
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            ["/apis/tollgate.dev/v1alpha1/approvalrequests"]
+        );
+    }
 }
