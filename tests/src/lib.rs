@@ -4,3 +4,4 @@
 pub use tollgate_harness::{cluster, require_root, topology};
 
 pub mod agent;
+pub mod approval_bench;

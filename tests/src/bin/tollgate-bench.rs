@@ -64,6 +64,8 @@ struct Plan {
     phase_time_limit_s: u64,
     /// Hard stop for the whole measuring loop.
     total_time_limit_s: u64,
+    /// Approvals released per store.
+    approval_rounds: usize,
 }
 
 impl Plan {
@@ -78,6 +80,7 @@ impl Plan {
             warmup: 10,
             phase_time_limit_s: 60,
             total_time_limit_s: 15 * 60,
+            approval_rounds: 15,
         }
     }
 
@@ -92,6 +95,7 @@ impl Plan {
             warmup: 5,
             phase_time_limit_s: 15,
             total_time_limit_s: 90,
+            approval_rounds: 5,
         }
     }
 }
@@ -145,6 +149,7 @@ struct Samples {
 
 fn main() -> Result<()> {
     let mut quick = false;
+    let mut approvals_only = false;
     let mut out = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../target/bench/report.json"
@@ -153,9 +158,10 @@ fn main() -> Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--approvals-only" => approvals_only = true,
             "--out" => out = PathBuf::from(args.next().context("--out needs a file")?),
             "-h" | "--help" => {
-                println!("usage: tollgate-bench [--quick] [--out FILE]");
+                println!("usage: tollgate-bench [--quick] [--approvals-only] [--out FILE]");
                 return Ok(());
             }
             other => {
@@ -172,6 +178,15 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if approvals_only {
+        // Only the approval release latency (its figures are printed, not written).
+        return runtime.block_on(async {
+            let agent_bin = sibling("tg-agent")?;
+            let r = approval_release(Cluster::shared(), &agent_bin, plan.approval_rounds).await;
+            print_approval_release(&r);
+            Ok(())
+        });
+    }
     runtime.block_on(bench(plan, out))
 }
 
@@ -425,6 +440,14 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         run_started.elapsed().as_secs_f64(),
     );
     print_table(&report);
+    // The approval release latency needs agents of its own on node 1.
+    drop(direct);
+    drop(gateway);
+    drop(ns);
+    drop(agent);
+    let mut report = report;
+    report["approval_release"] = approval_release(cluster, &agent_bin, plan.approval_rounds).await;
+    print_approval_release(&report["approval_release"]);
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -435,11 +458,49 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
             "the proxy did not count exactly the gateway pod's requests: the two paths may not be what they claim (see \"proxied\" in the report)"
         );
     }
-    drop(direct);
-    drop(gateway);
-    drop(ns);
-    drop(agent);
     Ok(())
+}
+
+/// Targets for the time from the approve call to the held call's completion.
+const TARGET_RELEASE_P50_MS: [(&str, f64); 2] = [("embedded", 50.0), ("kubernetes", 150.0)];
+
+async fn approval_release(cluster: &'static Cluster, agent_bin: &Path, rounds: usize) -> Value {
+    let mut stores = serde_json::Map::new();
+    for (store, target) in TARGET_RELEASE_P50_MS {
+        let result =
+            tollgate_tests::approval_bench::measure(cluster, agent_bin, store, rounds).await;
+        let entry = match result {
+            Ok(samples) => {
+                let mut summary = tollgate_tests::approval_bench::summary(&samples);
+                let met = summary["p50_ms"].as_f64().is_some_and(|p50| p50 <= target);
+                summary["target_p50_ms_max"] = json!(target);
+                summary["met"] = json!(met);
+                summary
+            }
+            Err(err) => json!({ "error": format!("{err:#}") }),
+        };
+        stores.insert(store.to_owned(), entry);
+    }
+    Value::Object(stores)
+}
+
+fn print_approval_release(r: &Value) {
+    println!();
+    println!("approval release (approve call -> held call complete):");
+    for (store, target) in TARGET_RELEASE_P50_MS {
+        let e = &r[store];
+        if let Some(err) = e["error"].as_str() {
+            println!("  {store:<11} failed: {err}");
+            continue;
+        }
+        println!(
+            "  {store:<11} p50 {:>7.1} ms  max {:>7.1} ms  ({} samples)   target p50 <= {target:.0} ms  {}",
+            e["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            e["max_ms"].as_f64().unwrap_or(f64::NAN),
+            e["samples"],
+            if e["met"].as_bool() == Some(true) { "met" } else { "NOT met" }
+        );
+    }
 }
 
 struct RemoveDir(PathBuf);
