@@ -381,9 +381,11 @@ impl ApiError {
             ApiError::Store(StoreError::Conflict(_) | StoreError::Exists(_)) => {
                 Status::failure(409, "Conflict", self.to_string())
             }
-            ApiError::Store(_) | ApiError::Config(_) => Status::internal_error(format!(
+            // The store's own words stay in the log: they name files and servers.
+            ApiError::Store(_) => Status::internal_error(format!(
                 "the approval store failed; see the agent's log for request {request_id}"
             )),
+            ApiError::Config(_) => Status::internal_error(self.to_string()),
         }
     }
 

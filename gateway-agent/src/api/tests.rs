@@ -582,3 +582,52 @@ async fn a_watch_that_falls_behind_lists_again() {
     drop(feed);
     task.await.unwrap();
 }
+
+#[test]
+fn the_flag_defaults_are_the_default_args() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        api: super::ApiArgs,
+    }
+    let parsed = Cli::try_parse_from(["x"]).unwrap().api;
+    assert_eq!(parsed, super::ApiArgs::default());
+    assert_eq!(parsed.api_listen.to_string(), "0.0.0.0:15444");
+    assert!(parsed.oidc_config().unwrap().is_none());
+}
+
+#[test]
+fn oidc_flags_are_checked_together() {
+    let args = |issuer: Option<&str>, audience: Option<&str>| super::ApiArgs {
+        oidc_issuer_url: issuer.map(str::to_owned),
+        oidc_audience: audience.map(str::to_owned),
+        ..super::ApiArgs::default()
+    };
+    let config = args(Some(ISSUER), Some("tollgate"))
+        .oidc_config()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        config.keys,
+        KeySource::Discovery { ca_file: None }
+    ));
+    assert_eq!(config.username_claim, "sub");
+    for bad in [
+        args(Some("http://issuer.test"), Some("tollgate")),
+        args(Some(ISSUER), None),
+        args(None, Some("tollgate")),
+    ] {
+        assert!(
+            matches!(bad.oidc_config(), Err(super::ApiError::Config(_))),
+            "{bad:?}"
+        );
+    }
+    let half_tls = super::ApiArgs {
+        api_tls_cert: Some("/x.crt".into()),
+        ..super::ApiArgs::default()
+    };
+    assert!(half_tls
+        .tls_config(std::path::Path::new("/a"), std::path::Path::new("/b"))
+        .is_err());
+}
