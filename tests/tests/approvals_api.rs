@@ -610,6 +610,31 @@ async fn the_cli_lists_shows_and_approves_with_a_token() {
     assert_eq!(stored.status.state, State::Approved);
     assert_eq!(stored.status.decisions[0].reason, "ship it");
 
+    // Installed as a kubectl plugin, found by kubectl on PATH.
+    let plugins = server.dir.join("plugins");
+    std::fs::create_dir_all(&plugins).expect("plugin directory");
+    std::os::unix::fs::symlink(AGENT, plugins.join("kubectl-tollgate")).expect("symlink");
+    let path = format!(
+        "{}:{}",
+        plugins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new("kubectl")
+        .args(["tollgate", "approvals", "list", "--state", "approved"])
+        .args(["--server", &server.url, "--token", &token])
+        .arg("--certificate-authority")
+        .arg(&server.ca)
+        .env("PATH", path)
+        .output()
+        .await
+        .expect("kubectl runs");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&approval.id),
+        "{}",
+        text(&out)
+    );
+
     // A refusal prints the server's Status and exits 1.
     let nobody = scene.account("nobody", false).await;
     let out = cli(&["list"], &nobody).await;
