@@ -162,7 +162,9 @@ pub fn main() -> ExitCode {
         // container runtime stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
+    // Installed as `kubectl-tollgate`, `kubectl tollgate approvals ...` arrives here.
+    let args = crate::api::client::plugin_args(std::env::args_os().collect());
+    match run(Cli::parse_from(args)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gateway-agent: {e:#}");

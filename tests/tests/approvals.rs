@@ -389,6 +389,40 @@ async fn a_denial_reaches_kubectl_with_the_reviewers_reason() {
 
     let mut run = scene.start_in_pod("kubectl create configmap doomed --from-literal=a=b");
     let id = id_of(&wait_pending(&agent, &bob, &scene, "doomed"));
+    // The same CLI as a kubectl plugin: `kubectl tollgate approvals ...`.
+    let plugin_dir = agent.dir.join("plugins");
+    std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
+    let _ = std::fs::remove_file(plugin_dir.join("kubectl-tollgate"));
+    std::os::unix::fs::symlink(AGENT, plugin_dir.join("kubectl-tollgate")).expect("symlink");
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let shown = agent
+        .node
+        .netns_handle()
+        .command("kubectl")
+        .args([
+            "tollgate",
+            "approvals",
+            "show",
+            &id,
+            "--server",
+            &agent.api_url(),
+        ])
+        .arg("--certificate-authority")
+        .arg(&agent.ca_file)
+        .env("PATH", path)
+        .env("TOLLGATE_TOKEN", &bob)
+        .output()
+        .expect("kubectl tollgate");
+    assert!(
+        shown.status.success() && stdout(&shown).contains(&id),
+        "kubectl tollgate approvals show: {}{}",
+        stdout(&shown),
+        stderr(&shown)
+    );
     let no_reason = cli(&agent, &bob, &["deny", &id, "--reason", ""]);
     assert!(!no_reason.status.success(), "a denial needs a reason");
     cli_ok(
