@@ -31,6 +31,22 @@ pub struct ApprovalLabels {
     pub event: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MaskedLabels {
+    /// The kind the request was about (`Secret`, `ConfigMap`, `Deployment`, ...).
+    pub kind: String,
+    /// `secret_data`, `last_applied`, `rule` or `detector`.
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MaskRefusalLabels {
+    /// `rule` (a masking rule refuses the read), `not_json`, `encoded`, `upgrade`,
+    /// `uninspectable` (malformed or oversized, refused with a Status) or `aborted`
+    /// (the same, found after part of the body was sent: the response was cut).
+    pub reason: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -41,6 +57,8 @@ pub struct Metrics {
     pub api_targets: Gauge,
     pub approvals: Family<ApprovalLabels, Counter>,
     pub approvals_held: Gauge,
+    pub masked_fields: Family<MaskedLabels, Counter>,
+    pub masking_refusals: Family<MaskRefusalLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -89,7 +107,21 @@ impl Metrics {
             "Requests this agent is holding open while they wait for a decision",
             approvals_held.clone(),
         );
+        let masked_fields = Family::<MaskedLabels, Counter>::default();
+        registry.register(
+            "masked_fields",
+            "Values masked in answers to enforced pods, by requested kind and cause",
+            masked_fields.clone(),
+        );
+        let masking_refusals = Family::<MaskRefusalLabels, Counter>::default();
+        registry.register(
+            "masking_refusals",
+            "Answers to enforced pods refused or cut because they could not be masked, by reason",
+            masking_refusals.clone(),
+        );
         Metrics {
+            masked_fields,
+            masking_refusals,
             requests,
             approvals,
             approvals_held,

@@ -313,6 +313,20 @@ impl Context {
     }
 }
 
+/// The masker of the default configuration, compiled once and shared: what a policy
+/// without a `masking` section uses.
+pub fn default_masker() -> std::sync::Arc<Masker> {
+    static DEFAULT: std::sync::OnceLock<std::sync::Arc<Masker>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| {
+            // A constant configuration, checked by the unit tests: it cannot fail.
+            let masker = Masker::new(&MaskingConfig::default())
+                .unwrap_or_else(|err| unreachable!("the default masking config is valid: {err}"));
+            std::sync::Arc::new(masker)
+        })
+        .clone()
+}
+
 /// The compiled masking configuration; cheap to share (`Arc<Masker>`), immutable.
 #[derive(Debug)]
 pub struct Masker {

@@ -30,9 +30,31 @@
 //! must then abort the response (reset the HTTP/2 stream or close the connection) and
 //! send nothing more; what was already sent was masked.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::{list_item_kind, table, Context, MaskError, MaskStats, Masker};
+
+/// The masker a [`StreamMasker`] uses: borrowed (tests, [`Masker::mask_body`]) or shared
+/// (the proxy, whose response bodies outlive the request handler that built them, so
+/// they must own what they use).
+#[derive(Debug)]
+enum MaskerRef<'m> {
+    Borrowed(&'m Masker),
+    Shared(Arc<Masker>),
+}
+
+impl std::ops::Deref for MaskerRef<'_> {
+    type Target = Masker;
+
+    fn deref(&self) -> &Masker {
+        match self {
+            MaskerRef::Borrowed(masker) => masker,
+            MaskerRef::Shared(masker) => masker,
+        }
+    }
+}
 
 /// What kind of body is being masked; the proxy knows from the request (`watch=true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +187,7 @@ enum Streamed {
 /// Masks one response body pushed in chunks; see the module documentation.
 #[derive(Debug)]
 pub struct StreamMasker<'m> {
-    masker: &'m Masker,
+    masker: MaskerRef<'m>,
     hint: Option<String>,
     buf: Vec<u8>,
     pos: usize,
@@ -182,8 +204,22 @@ pub struct StreamMasker<'m> {
     peak: usize,
 }
 
+impl StreamMasker<'static> {
+    /// A masker for one body that keeps the compiled configuration alive itself: what
+    /// the proxy uses, as a response body is polled after the handler has returned (and
+    /// a policy reload must not pull the configuration from under a running watch).
+    pub fn shared(masker: Arc<Masker>, format: BodyFormat, ctx: Context) -> Self {
+        Self::with(MaskerRef::Shared(masker), format, ctx)
+    }
+}
+
 impl<'m> StreamMasker<'m> {
+    /// A masker for one body, borrowing the compiled configuration.
     pub fn new(masker: &'m Masker, format: BodyFormat, ctx: Context) -> Self {
+        Self::with(MaskerRef::Borrowed(masker), format, ctx)
+    }
+
+    fn with(masker: MaskerRef<'m>, format: BodyFormat, ctx: Context) -> Self {
         StreamMasker {
             masker,
             hint: ctx.kind,
@@ -478,7 +514,7 @@ impl<'m> StreamMasker<'m> {
         let before = self.stats.masked();
         match &self.streamed {
             Some(Streamed::Rows) => table::mask_row(
-                self.masker,
+                &self.masker,
                 &mut element,
                 self.columns.as_deref(),
                 self.hint.as_deref(),

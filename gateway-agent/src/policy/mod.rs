@@ -1245,6 +1245,81 @@ rules:
     }
 
     #[test]
+    fn masking_defaults_when_absent_and_configured_when_present() {
+        let policy = Policy::parse(POLICY).unwrap();
+        // Secure by default: Secrets are masked, not refused.
+        assert_eq!(policy.masker.refusal_for_kind("Secret"), None);
+        let mut secret = serde_json::json!({"kind": "Secret", "data": {"k": "c2VjcmV0"}});
+        let stats = policy
+            .masker
+            .mask_value(&mut secret, &masking::Context::default())
+            .unwrap();
+        assert_eq!(stats.secret_fields, 1);
+
+        let text = format!(
+            "{POLICY}masking:\n  secrets: refuse\n  maxObjectBytes: 65536\n  detectors:\n    patterns: [\"corp_[0-9a-f]{{8}}\"]\n  rules:\n    - name: no-widgets\n      kinds: [Widget]\n      action: refuse\n"
+        );
+        let policy = Policy::parse(&text).unwrap();
+        assert_eq!(policy.masker.refusal_for_kind("Secret"), Some("secrets"));
+        assert_eq!(policy.masker.refusal_for_kind("Widget"), Some("no-widgets"));
+        assert_eq!(policy.masker.max_object_bytes(), 65536);
+        let mut cm = serde_json::json!({"kind": "ConfigMap", "data": {"a": "id corp_0123abcd"}});
+        policy
+            .masker
+            .mask_value(&mut cm, &masking::Context::default())
+            .unwrap();
+        assert_eq!(cm["data"]["a"], format!("id {}", masking::MASK_MARKER));
+        // Given rules replace the defaults: env values are no longer masked.
+        let mut pod = serde_json::json!({"kind": "Pod", "spec": {"containers": [
+            {"name": "c", "env": [{"name": "API_TOKEN", "value": "plain"}]}]}});
+        policy
+            .masker
+            .mask_value(&mut pod, &masking::Context::default())
+            .unwrap();
+        assert_eq!(pod["spec"]["containers"][0]["env"][0]["value"], "plain");
+    }
+
+    #[test]
+    fn broken_masking_sections_are_refused_with_locations() {
+        let base = "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\n";
+        // A misspelt key (line 4): refused, never ignored.
+        let err = Policy::parse(&format!("{base}masking:\n  secret: refuse\n")).unwrap_err();
+        assert_eq!(err.problems[0].location.map(|l| l.0), Some(4), "{err}");
+        assert!(err.to_string().contains("secret"), "{err}");
+        // An unknown action value.
+        let err = Policy::parse(&format!("{base}masking:\n  secrets: hide\n")).unwrap_err();
+        assert_eq!(err.problems[0].location.map(|l| l.0), Some(4), "{err}");
+        // An unknown key inside a rule.
+        let err = Policy::parse(&format!(
+            "{base}masking:\n  rules:\n    - name: a\n      pth: data.*\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems[0].location.map(|l| l.0), Some(6), "{err}");
+
+        // Problems found after reading: each at its rule or section.
+        let text = format!(
+            "{base}masking:\n  maxObjectBytes: 10\n  detectors:\n    patterns: [\"(unclosed\"]\n  rules:\n    - name: bad-pattern\n      path: data.*\n      namePattern: \"[\"\n    - name: bad-path\n      path: \"@podSpec.@podSpec\"\n    - name: mask-nothing\n    - name: bad-pattern\n      path: data.*\n"
+        );
+        let err = Policy::parse(&text).unwrap_err();
+        let all: Vec<String> = err
+            .problems
+            .iter()
+            .map(|p| format!("{:?} {}", p.location.map(|l| l.0), p.message))
+            .collect();
+        let all = all.join("\n");
+        for expected in [
+            "Some(4) maxObjectBytes must be at least 1024",
+            "Some(6) masking detector pattern \"(unclosed\"",
+            "Some(8) masking rule \"bad-pattern\": invalid name pattern",
+            "Some(11) masking rule \"bad-path\": invalid path",
+            "Some(13) masking rule \"mask-nothing\": a rule without a path can only refuse",
+            "Some(14) masking rule name \"bad-pattern\" is used twice",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+        }
+    }
+
+    #[test]
     fn glob() {
         let p = |s: &str| Pattern(s.to_owned());
         assert!(p("*").matches(""));

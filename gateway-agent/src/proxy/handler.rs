@@ -1,5 +1,6 @@
 //! One API call through the proxy, top to bottom:
-//! classify → identify → decide → (hold for approval →) forward (→ upgrade).
+//! classify → identify → decide → (hold for approval →) forward (→ upgrade | → mask:
+//! `proxy::masking` prepares the upstream request and transforms the answer).
 //!
 //! Every refusal is a `metav1.Status` built in one place (`refuse`), logged with the
 //! request id, and never a dropped connection.
@@ -17,6 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use super::approval::{ApprovalGate, Gated, HeldCall};
 use super::classify::{classify, RequestInfo};
+use super::masking;
 use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Upstream, UpstreamError};
 use crate::identity::{check_pod, AttributedPod, Identity, Review, TokenReviewer};
 use crate::metrics::RequestLabels;
@@ -290,7 +292,7 @@ async fn serve<R: TokenReviewer>(
                 .await
                 .map_err(refuse)
         }
-        Action::Allow => forward(gateway, connection, request, upgrade, request_id)
+        Action::Allow => forward(gateway, connection, request, upgrade, request_id, &info)
             .await
             .map_err(refuse),
     }
@@ -417,6 +419,7 @@ async fn forward<R: TokenReviewer>(
     mut request: Request<Incoming>,
     upgrade: bool,
     request_id: &str,
+    info: &RequestInfo,
 ) -> Result<Response<ProxyBody>, Status> {
     let limit = gateway.limits.max_body_bytes;
     if let Some(length) = content_length(request.headers()) {
@@ -428,6 +431,22 @@ async fn forward<R: TokenReviewer>(
             return Err(Status::request_entity_too_large(limit));
         }
     }
+    // Masking: refuse what a rule refuses, and ask upstream for plain JSON.
+    let (method, headers) = (request.method().clone(), request.headers_mut());
+    let masking = match masking::prepare(
+        &gateway.policy.current().masker,
+        info,
+        &method,
+        upgrade,
+        headers,
+        &gateway.metrics,
+    ) {
+        Ok(plan) => plan,
+        Err(status) => {
+            tokio::spawn(discard(request.into_body(), DISCARD_LIMIT));
+            return Err(*status);
+        }
+    };
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     let (mut parts, body) = request.into_parts();
@@ -466,10 +485,7 @@ async fn forward<R: TokenReviewer>(
 
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ))
+    masking::respond(masking, parts, body).await
 }
 
 /// At most this much of a refused body is read and dropped.

@@ -9,6 +9,7 @@ pub mod accept;
 pub mod approval;
 pub mod classify;
 pub mod handler;
+pub mod masking;
 pub mod tls;
 pub mod upstream;
 
