@@ -238,7 +238,7 @@ impl RunningAgent {
             .get_or_insert_with(|| self.dir.join("state"));
         options.bpffs = Some(self.bpffs.clone());
         self.keep_pins = true;
-        if let Some(policy) = fs::read_to_string(&self.policy_file).ok() {
+        if let Ok(policy) = fs::read_to_string(&self.policy_file) {
             options.policy = policy;
         }
         drop(self);

@@ -887,7 +887,7 @@ async fn execute_as_runs_the_approved_call_as_the_named_account() {
         &ivy,
         &[
             "approve",
-            &approval["id"].as_str().unwrap_or(""),
+            approval["id"].as_str().unwrap_or(""),
             "--reason",
             "ok",
         ],

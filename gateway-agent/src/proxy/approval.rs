@@ -106,7 +106,7 @@ pub struct HeldCall<'a> {
 /// How the gate ended for this call.
 pub enum Gated {
     /// Approved and claimed: the caller sends the call now (see [`ApprovalGate::execute`]).
-    Proceed(ApprovalRequest),
+    Proceed(Box<ApprovalRequest>),
     /// Answered without running the call (a Status, or the API server's own refusal
     /// of the dry-run).
     Answered(Response<ProxyBody>),
@@ -341,7 +341,7 @@ impl ApprovalGate {
             Ok(approval) => {
                 self.count("executed");
                 info!(approval = %approval.id, "approved; sending the call");
-                Gated::Proceed(approval)
+                Gated::Proceed(Box::new(approval))
             }
             Err(crate::approvals::StoreError::Rejected(reason)) => Gated::Refused(Status::failure(
                 409,
@@ -459,7 +459,8 @@ impl ApprovalGate {
     /// The server-side dry-run, and the live object to diff against.
     async fn dry_run(&self, upstream: &Upstream, call: &HeldCall<'_>) -> Result<Preview, Status> {
         let mut parts = call.parts.clone();
-        parts.uri = with_dry_run(&parts.uri)?;
+        parts.uri = with_dry_run(&parts.uri)
+            .ok_or_else(|| Status::bad_request("the request URI cannot carry a dry-run"))?;
         ask_for_json(&mut parts.headers);
         let (head, bytes) = self
             .send_collected(upstream, call, parts, call.body.clone())
@@ -705,7 +706,7 @@ fn store_unavailable(err: crate::approvals::StoreError) -> Status {
     Status::service_unavailable(format!("Tollgate cannot reach its approval store: {err}"))
 }
 
-fn with_dry_run(uri: &http::Uri) -> Result<http::Uri, Status> {
+fn with_dry_run(uri: &http::Uri) -> Option<http::Uri> {
     let path = uri.path();
     let text = match uri.query() {
         Some(q) if !q.is_empty() => {
@@ -721,8 +722,7 @@ fn with_dry_run(uri: &http::Uri) -> Result<http::Uri, Status> {
         }
         _ => format!("{path}?dryRun=All"),
     };
-    text.parse()
-        .map_err(|_| Status::bad_request("the request URI cannot carry a dry-run"))
+    text.parse().ok()
 }
 
 /// The preview and the diff need JSON, uncompressed, whatever the client asked for.
