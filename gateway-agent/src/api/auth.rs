@@ -26,22 +26,30 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// An authenticated caller, as SubjectAccessReview needs them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Caller {
+    /// The user name (with the OIDC prefix, for ID tokens).
     pub username: String,
+    /// TokenReview's uid; empty for ID tokens.
     pub uid: String,
+    /// Groups (with the OIDC prefix, for ID tokens).
     pub groups: Vec<String>,
+    /// TokenReview's extra (the pod binding of a bound service-account token).
     pub extra: BTreeMap<String, Vec<String>>,
     /// How the caller was authenticated, for logs.
     pub method: AuthMethod,
 }
 
+/// Which authenticator accepted the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMethod {
+    /// The API server (TokenReview).
     #[default]
     TokenReview,
+    /// An ID token of the configured OIDC issuer.
     Oidc,
 }
 
 impl AuthMethod {
+    /// `tokenreview` or `oidc`, for logs.
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::TokenReview => "tokenreview",
@@ -50,6 +58,7 @@ impl AuthMethod {
     }
 }
 
+/// Why a request is not authenticated.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// No usable `Authorization: Bearer` header; the message says what was wrong.
@@ -66,6 +75,7 @@ pub enum AuthError {
 /// TokenReview as the API needs it: an object-safe view of [`Identity`], so the state
 /// does not carry the reviewer's type and tests can answer without an API server.
 pub trait ReviewTokens: Send + Sync + 'static {
+    /// What the API server says about `token`.
     fn review<'a>(
         &'a self,
         token: &'a str,
@@ -88,6 +98,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// TokenReview through `tokens`; ID tokens of `oidc`'s issuer verified by it.
     pub fn new(tokens: Arc<dyn ReviewTokens>, oidc: Option<OidcVerifier>) -> Authenticator {
         Authenticator { tokens, oidc }
     }

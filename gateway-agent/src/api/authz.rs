@@ -20,28 +20,36 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
 
-/// The API group and resource every review is about.
+/// The API group every review is about.
 pub const GROUP: &str = "tollgate.dev";
+/// The resource every review is about (the `ApprovalRequest` custom resource's plural).
 pub const RESOURCE: &str = "approvalrequests";
 
 /// What is asked: `verb` on the approvals in `namespace` (empty: every namespace),
 /// `name` (empty: any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attributes {
+    /// `get`, `list`, `watch`, `approve` or `deny`.
     pub verb: &'static str,
+    /// The requesting pod's namespace; empty for cluster scope.
     pub namespace: String,
+    /// The approval id; empty for any.
     pub name: String,
 }
 
 /// The authorizer's answer; `reason` is RBAC's explanation when it gives one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Access {
+    /// RBAC allows it (and no authorizer denied it).
     pub allowed: bool,
+    /// The authorizer's explanation, possibly empty.
     pub reason: String,
 }
 
+/// Why no answer could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthzError {
+    /// The API server could not be asked; the message says why.
     #[error("SubjectAccessReview could not be performed: {0}")]
     Unavailable(String),
 }
@@ -49,6 +57,7 @@ pub enum AuthzError {
 /// The call to the API server (a trait so the cache and the handlers are testable
 /// without one).
 pub trait AccessReviewer: Send + Sync + 'static {
+    /// Whether `caller` may do what `attributes` say.
     fn review<'a>(
         &'a self,
         caller: &'a Caller,
@@ -59,8 +68,11 @@ pub trait AccessReviewer: Send + Sync + 'static {
 /// Bounds of the answer cache.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
+    /// How long a yes is trusted.
     pub allowed_ttl: Duration,
+    /// How long a no is trusted.
     pub denied_ttl: Duration,
+    /// At most this many answers are kept.
     pub max_entries: usize,
 }
 
@@ -83,6 +95,7 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
+    /// `reviewer` behind a cache bounded by `config`.
     pub fn new(reviewer: Box<dyn AccessReviewer>, config: CacheConfig) -> Authorizer {
         Authorizer {
             reviewer,
@@ -100,6 +113,7 @@ impl Authorizer {
         )
     }
 
+    /// The (possibly cached) answer for `caller` and `attributes`.
     pub async fn check(
         &self,
         caller: &Caller,
@@ -134,6 +148,7 @@ impl Authorizer {
         Ok(access)
     }
 
+    /// How many answers are cached.
     pub fn cached_entries(&self) -> usize {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -1,7 +1,7 @@
 //! The reviewers' REST API under `/api/v1` (DESIGN §5), served over TLS because it
 //! carries their bearer tokens.
 //!
-//! One request reads top to bottom in [`dispatch`]: route (a strict table, [`routes`]) →
+//! One request reads top to bottom in `dispatch`: route (a strict table, [`routes`]) →
 //! authenticate (OIDC or TokenReview, [`auth`]) → the endpoint, which authorizes with
 //! SubjectAccessReview ([`authz`]) once it knows the approval's namespace. Every error a
 //! client sees is a `metav1.Status`, built from [`ApiError`] in one place.
@@ -206,15 +206,20 @@ impl Default for Limits {
 
 /// What the handlers share: the approval store, authentication, authorization.
 pub struct ApiState {
+    /// Where approvals are read and decided.
     pub store: Store,
+    /// Who the caller is (OIDC or TokenReview).
     pub authn: Authenticator,
+    /// What the caller may do (SubjectAccessReview).
     pub authz: Authorizer,
+    /// Per-request bounds.
     pub limits: Limits,
     /// Watches streaming now (for tests and metrics).
     watches: AtomicUsize,
 }
 
 impl ApiState {
+    /// The state with [`Limits::default`].
     pub fn new(store: Store, authn: Authenticator, authz: Authorizer) -> ApiState {
         ApiState {
             store,
@@ -247,6 +252,7 @@ impl ApiState {
         ))
     }
 
+    /// The same state with other bounds.
     pub fn with_limits(mut self, limits: Limits) -> ApiState {
         self.limits = limits;
         self
@@ -262,31 +268,45 @@ impl ApiState {
 /// [`ApiError::status`].
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// No such path (404), or not with this method (405).
     #[error("{0}")]
     Route(#[from] RouteError),
+    /// No valid bearer token (401), or it could not be checked (503).
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// SubjectAccessReview could not be asked (503).
     #[error("{0}")]
     Authz(#[from] AuthzError),
-    /// SubjectAccessReview said no.
+    /// SubjectAccessReview said no (403).
     #[error("{user} may not {verb} approvals")]
     Forbidden {
+        /// The caller.
         user: String,
+        /// The RBAC verb asked about.
         verb: &'static str,
+        /// The namespace asked about; empty for cluster scope.
         namespace: String,
+        /// The approval id asked about; empty for any.
         name: String,
+        /// RBAC's explanation, when it gave one.
         reason: String,
     },
+    /// No approval with this id (404).
     #[error("approval {0} not found")]
     NotFound(String),
+    /// A malformed query or body (400).
     #[error("{0}")]
     BadRequest(String),
+    /// A body over the limit, in bytes (413).
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
+    /// A body that is not JSON (415).
     #[error("unsupported content type {0:?}")]
     UnsupportedMediaType(String),
+    /// The approval's rules refused the decision (403, 409 or 400).
     #[error("{0}")]
     Decision(#[from] DecisionError),
+    /// The store failed (500) or kept conflicting (409).
     #[error("{0}")]
     Store(StoreError),
     /// Bad flags, found at start.

@@ -54,7 +54,10 @@ pub enum KeySource {
     File(PathBuf),
     /// The issuer's discovery document, over HTTPS; `ca_file` replaces the system's
     /// trust roots when set.
-    Discovery { ca_file: Option<PathBuf> },
+    Discovery {
+        /// CA bundle (PEM) for the issuer's HTTPS certificate.
+        ca_file: Option<PathBuf>,
+    },
 }
 
 /// What kube-apiserver's `--oidc-*` flags configure.
@@ -64,6 +67,7 @@ pub struct OidcConfig {
     pub issuer: String,
     /// Must be one of the token's `aud`.
     pub audience: String,
+    /// Where the issuer's keys come from.
     pub keys: KeySource,
     /// The claim naming the user (`sub` by default).
     pub username_claim: String,
@@ -80,10 +84,13 @@ pub struct OidcConfig {
 /// Who a valid token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OidcUser {
+    /// The prefixed user name.
     pub username: String,
+    /// The prefixed groups, `system:` ones dropped.
     pub groups: Vec<String>,
 }
 
+/// Why a token was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
     /// The token is not acceptable; the message says why (it is shown to the caller).
@@ -126,6 +133,7 @@ impl OidcVerifier {
         self
     }
 
+    /// The issuer this verifier accepts.
     pub fn issuer(&self) -> &str {
         &self.config.issuer
     }

@@ -26,11 +26,13 @@ pub enum Endpoint {
     Deny,
 }
 
-/// One row of the table: a path pattern, the methods it answers, the endpoint.
+/// One row of the table: a path pattern, the method it answers, the endpoint.
 pub struct Route {
     /// `/`-separated segments; `{id}` is an approval id.
     pub pattern: &'static str,
+    /// The one method this row answers (a path may have several rows).
     pub method: Method,
+    /// What answers.
     pub endpoint: Endpoint,
 }
 
@@ -67,18 +69,26 @@ pub const ROUTES: &[Route] = &[
 /// A matched request: the endpoint and the id from the path, if the pattern has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched {
+    /// What answers.
     pub endpoint: Endpoint,
+    /// The well-formed approval id from the path.
     pub id: Option<String>,
 }
 
 /// Why no endpoint answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// No route has this path (the API server's wording).
     #[error("the server could not find the requested resource")]
     NotFound,
-    /// The path exists but not for this method; `allow` lists the methods that do.
+    /// The path exists but not for this method.
     #[error("method {method} is not allowed here (allowed: {allow})")]
-    MethodNotAllowed { method: Method, allow: String },
+    MethodNotAllowed {
+        /// The method asked for.
+        method: Method,
+        /// The methods that do answer, for the `Allow` header.
+        allow: String,
+    },
 }
 
 /// Finds the endpoint for `method` and `path` (the path only, no query).
