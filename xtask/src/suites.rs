@@ -72,6 +72,13 @@ pub const SUITES: &[Suite] = &[
         // Agents hold a per-node lock; the store and API tests share the cluster.
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "masking",
+        about: "what enforced pods read is masked: kubectl (yaml, json, lists, watch, table, describe), client-go with JSON and protobuf, curl with gzip, refusals, exempt pods untouched (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "masking"],
+        // One agent per test on node 1: tests take turns.
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {
