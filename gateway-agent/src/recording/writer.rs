@@ -164,6 +164,8 @@ pub(crate) struct Common {
     records_written: AtomicU64,
     records_dropped: AtomicU64,
     write_errors: AtomicU64,
+    /// The writer has stopped (shutdown): records are dropped at once.
+    stopped: AtomicBool,
     /// Files being written: retention leaves them alone.
     pub(crate) open_paths: Mutex<HashSet<PathBuf>>,
 }
@@ -241,6 +243,7 @@ impl Recorder {
             records_written: AtomicU64::new(0),
             records_dropped: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
             open_paths: Mutex::new(HashSet::new()),
         });
         let (tx, rx) = mpsc::channel();
@@ -318,7 +321,7 @@ impl Recorder {
             header,
             state: state.clone(),
         };
-        if self.inner.tx.send(open).is_err() {
+        if common.stopped.load(Relaxed) || self.inner.tx.send(open).is_err() {
             state.failed.store(true, Relaxed);
             common.sessions_failed.fetch_add(1, Relaxed);
             warn!(session = %id, "recorder stopped; session not recorded");
@@ -530,11 +533,15 @@ impl SessionInner {
         bodies: Option<Box<(Body, Body)>>,
         budget: usize,
     ) -> bool {
+        let common = &self.recorder.common;
+        if common.stopped.load(Relaxed) {
+            self.lost("recorder stopped");
+            return false;
+        }
         if self.state.failed.load(Relaxed) {
             self.lost("session file failed");
             return false;
         }
-        let common = &self.recorder.common;
         let before = common.queued_bytes.fetch_add(budget, Relaxed);
         if before + budget > common.config.max_queued_bytes {
             common.queued_bytes.fetch_sub(budget, Relaxed);
@@ -709,43 +716,69 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        while let Ok(command) = rx.recv() {
+        let shutdown = loop {
+            match rx.recv() {
+                Ok(Command::Shutdown(ack)) => break Some(ack),
+                Ok(command) => self.handle(command),
+                // Every sender is gone, so every handle was dropped and sent its Close.
+                Err(_) => break None,
+            }
+        };
+        self.common.stopped.store(true, Relaxed);
+        // Records queued behind the shutdown are lost: count them, so that the end
+        // records and the sessions' status say so.
+        while let Ok(command) = rx.try_recv() {
             match command {
-                Command::Open {
-                    key,
-                    path,
-                    header,
-                    state,
-                } => self.open(key, path, &header, state),
-                Command::Append {
-                    key,
-                    kind,
-                    fields,
-                    bodies,
-                    budget,
-                    state,
-                } => {
-                    self.append(key, kind, fields, bodies, &state);
+                Command::Append { budget, state, .. } => {
+                    state.dropped.fetch_add(1, Relaxed);
+                    self.common.records_dropped.fetch_add(1, Relaxed);
                     self.common.queued_bytes.fetch_sub(budget, Relaxed);
                 }
-                Command::Close { key, reason } => self.close(key, reason),
-                #[cfg(test)]
-                Command::Abandon { key } => {
-                    if let Some(session) = self.sessions.remove(&key) {
-                        self.forget_path(&session.path);
-                    }
-                }
-                Command::Flush(ack) => ack.send(),
-                Command::Shutdown(ack) => {
-                    self.close_all("shutdown");
-                    ack.send();
-                    return;
-                }
+                Command::Flush(ack) | Command::Shutdown(ack) => ack.send(),
+                _ => {}
             }
         }
-        // Every sender is gone, so every handle was dropped and sent its Close; this
-        // only catches what a bug might leave open.
-        self.close_all("closed");
+        self.close_all(if shutdown.is_some() {
+            "shutdown"
+        } else {
+            "closed"
+        });
+        drop(rx);
+        if let Some(ack) = shutdown {
+            ack.send();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Open {
+                key,
+                path,
+                header,
+                state,
+            } => self.open(key, path, &header, state),
+            Command::Append {
+                key,
+                kind,
+                fields,
+                bodies,
+                budget,
+                state,
+            } => {
+                self.append(key, kind, fields, bodies, &state);
+                self.common.queued_bytes.fetch_sub(budget, Relaxed);
+            }
+            Command::Close { key, reason } => self.close(key, reason),
+            #[cfg(test)]
+            Command::Abandon { key } => {
+                if let Some(session) = self.sessions.remove(&key) {
+                    self.forget_path(&session.path);
+                }
+            }
+            Command::Flush(ack) => ack.send(),
+            // Handled by `run`.
+            Command::Shutdown(ack) => ack.send(),
+        }
     }
 
     fn open(&mut self, key: u64, path: PathBuf, header: &[u8], state: Arc<SessionState>) {
