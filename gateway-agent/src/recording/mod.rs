@@ -89,13 +89,15 @@ pub use writer::{
 
 /// Errors reading sessions, and the few setting the recorder up. (Writing never
 /// returns errors: they are counted in [`SessionStatus`] and logged.)
+///
+/// Messages include their cause and no `source()` is chained, so that a log line and
+/// anyhow's `{:#}` both print it once.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordingError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("no session {0:?}")]
     NotFound(String),
@@ -113,7 +115,7 @@ pub enum RecordingError {
         audit_id: Option<String>,
     },
     #[error("writing output: {0}")]
-    Output(#[source] std::io::Error),
+    Output(std::io::Error),
 }
 
 /// A session id names a file: `[A-Za-z0-9._-]{1,128}`, not starting with a dot.

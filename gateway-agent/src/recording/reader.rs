@@ -347,7 +347,7 @@ impl Sessions {
         let path = self.find(id)?;
         match format {
             ExportFormat::Raw => {
-                let mut file = File::open(&path).map_err(|source| io_error(&path, source))?;
+                let mut file = File::open(&path).map_err(|error| io_error(&path, error))?;
                 std::io::copy(&mut file, out).map_err(RecordingError::Output)?;
             }
             ExportFormat::JsonArray => {
@@ -376,7 +376,7 @@ impl Sessions {
     }
 
     fn days(&self) -> Result<Vec<PathBuf>, RecordingError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|source| io_error(&self.dir, source))?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|error| io_error(&self.dir, error))?;
         let mut days: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -388,7 +388,7 @@ impl Sessions {
 }
 
 fn jsonl_in(dir: &Path) -> Result<Vec<PathBuf>, RecordingError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| io_error(dir, source))?;
+    let entries = std::fs::read_dir(dir).map_err(|error| io_error(dir, error))?;
     Ok(entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
@@ -397,15 +397,15 @@ fn jsonl_in(dir: &Path) -> Result<Vec<PathBuf>, RecordingError> {
         .collect())
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> RecordingError {
+fn io_error(path: &Path, error: std::io::Error) -> RecordingError {
     RecordingError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
 fn read_lines(path: &Path, f: impl FnMut(usize, &[u8], bool)) -> Result<(), RecordingError> {
-    for_each_line(path, f).map_err(|source| io_error(path, source))
+    for_each_line(path, f).map_err(|error| io_error(path, error))
 }
 
 fn parse_record(line: &[u8]) -> Option<Record> {
@@ -422,10 +422,10 @@ fn summarize(path: &Path) -> Result<SessionSummary, RecordingError> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut file = File::open(path).map_err(|source| io_error(path, source))?;
+    let mut file = File::open(path).map_err(|error| io_error(path, error))?;
     let bytes = file
         .metadata()
-        .map_err(|source| io_error(path, source))?
+        .map_err(|error| io_error(path, error))?
         .len();
     let header = first_line(&mut file)
         .ok()
@@ -510,13 +510,11 @@ fn last_line(file: &mut File, len: u64) -> std::io::Result<Option<Vec<u8>>> {
 }
 
 fn count_lines(path: &Path) -> Result<u64, RecordingError> {
-    let mut file = File::open(path).map_err(|source| io_error(path, source))?;
+    let mut file = File::open(path).map_err(|error| io_error(path, error))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|source| io_error(path, source))?;
+        let n = file.read(&mut buf).map_err(|error| io_error(path, error))?;
         if n == 0 {
             return Ok(lines);
         }

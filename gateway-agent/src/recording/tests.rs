@@ -657,7 +657,7 @@ fn retention_prunes_by_age_then_size_and_spares_open_sessions() {
 
     // By age: the ancient one goes; the open one, older still, stays.
     let report = recorder.prune(now).unwrap();
-    assert_eq!(report.deleted, [ancient.clone()]);
+    assert_eq!(report.deleted, std::slice::from_ref(&ancient));
     assert!(!ancient.exists() && open_path.exists());
     assert_eq!(report.kept, 2);
 
@@ -670,7 +670,7 @@ fn retention_prunes_by_age_then_size_and_spares_open_sessions() {
     let open_set = [open_path.clone()].into_iter().collect();
     let old_size = size(&old);
     let report = prune_dir(&tmp.0, policy, now, &open_set).unwrap();
-    assert_eq!(report.deleted, [old.clone()]);
+    assert_eq!(report.deleted, std::slice::from_ref(&old));
     assert_eq!(report.freed_bytes, old_size);
     assert!(new.exists() && open_path.exists());
     drop(open);

@@ -126,7 +126,7 @@ impl fmt::Display for BadRecord {
 
 /// How a file ends (when nothing before was wrong).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "tail", rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub enum Tail {
     /// With its `end` record.
     Closed,
@@ -188,9 +188,9 @@ struct Chain {
 /// Verifies the file at `path`; `session` is the id its name gives (the header must
 /// agree).
 pub fn verify_file(path: &Path, session: &str) -> Result<VerifyReport, RecordingError> {
-    let io = |source| RecordingError::Io {
+    let io = |error| RecordingError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     // First pass: the seq each line claims, to tell a removed record from a moved one.
     let mut claimed: Vec<Option<u64>> = Vec::new();

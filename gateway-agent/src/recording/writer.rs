@@ -231,9 +231,9 @@ enum Command {
 impl Recorder {
     /// Creates `config.dir` (mode 0700) and starts the writer thread.
     pub fn new(config: RecordingConfig) -> Result<Recorder, RecordingError> {
-        create_dir(&config.dir).map_err(|source| RecordingError::Io {
+        create_dir(&config.dir).map_err(|error| RecordingError::Io {
             path: config.dir.clone(),
-            source,
+            error,
         })?;
         let common = Arc::new(Common {
             config,
@@ -254,9 +254,9 @@ impl Recorder {
         std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || writer.run(rx))
-            .map_err(|source| RecordingError::Io {
+            .map_err(|error| RecordingError::Io {
                 path: common.config.dir.clone(),
-                source,
+                error,
             })?;
         Ok(Recorder {
             inner: Arc::new(RecorderInner {
