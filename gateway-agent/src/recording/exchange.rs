@@ -222,9 +222,10 @@ pub struct Exchange {
     pub approval_id: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    /// Written by hand after the other members (see [`splice_bodies`]).
+    /// Written as `requestObject` (or `requestObjectOmitted`) after the other members.
     #[serde(skip)]
     pub request_object: Body,
+    /// Written as `responseObject` (or `responseObjectOmitted`).
     #[serde(skip)]
     pub response_object: Body,
 }

@@ -18,7 +18,11 @@
 //!
 //! `record` never blocks: it queues, and a writer thread does the file work (see
 //! [`writer`]). Bodies must be masked by the caller; [`BodyCapture`] collects them as
-//! they stream, bounded by the per-record cap.
+//! they stream, bounded by the per-record cap. [`SessionHandle::flush`] waits until
+//! what was queued is written, for a caller that must know.
+//!
+//! The readers ([`Sessions`]: list, show, records, verify, export, replay) do blocking
+//! file I/O; from async code (the REST API) call them in `spawn_blocking`.
 //!
 //! # On disk
 //!
@@ -52,7 +56,7 @@
 //!
 //! # Modules
 //!
-//! [`format`] (lines, hashes, record types), [`exchange`] (the audit-like record and
+//! [`format`](mod@format) (lines, hashes, record types), [`exchange`] (the audit-like record and
 //! bodies), [`writer`] (recorder, sessions, streams), [`remotecommand`] (WebSocket
 //! channel decoding for exec/attach), [`reader`] (list, show, records, export),
 //! [`verify`], [`replay`], [`retention`], and [`cli`] (`gateway-agent sessions`).
