@@ -5,3 +5,4 @@ pub use tollgate_harness::{cluster, require_root, topology};
 
 pub mod agent;
 pub mod approval_bench;
+pub mod masking_bench;

@@ -2,7 +2,7 @@
 //!
 //! It talks to the API server the way an in-pod client-go does: HTTPS to the Service
 //! address, the cluster CA, a bearer token, HTTP/2 with keep-alive. One invocation runs
-//! one phase — `get` (one ConfigMap), `list` (all ConfigMaps of the namespace, with
+//! one phase — `get` (one ConfigMap, or one object of the spec's `resource`), `list` (all ConfigMaps of the namespace, with
 //! `limit=500` as kubectl's pager asks) or `create` (one new ConfigMap per request) — with
 //! `concurrency` clients, each on its own connection, sharing a fixed request count.
 //! Every client first sends a few unmeasured warm-up requests (TLS handshake, the
@@ -37,9 +37,13 @@ struct Spec {
     namespace: String,
     /// `get`, `list` or `create`.
     phase: String,
-    /// The ConfigMap `get` reads.
+    /// The object `get` reads.
     #[serde(default)]
     get_name: String,
+    /// The resource `get` and `list` read in the namespace: `configmaps` unless given
+    /// (the bench reads `secrets` to time a masked `get`). `create` makes ConfigMaps.
+    #[serde(default = "configmaps")]
+    resource: String,
     /// Prefix of the names `create` uses (unique per invocation).
     #[serde(default)]
     create_prefix: String,
@@ -67,6 +71,10 @@ struct Outcome {
     /// Items seen in the first `list` response (a check that the list is the size asked).
     list_items: Option<usize>,
     latencies_us: Vec<u64>,
+}
+
+fn configmaps() -> String {
+    "configmaps".to_owned()
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -240,8 +248,8 @@ async fn run(spec: Spec) -> Result<Outcome> {
 async fn one(c: &HttpsClient, shared: &Shared, kind: &Kind, suffix: &str) -> Result<Bytes> {
     let spec = &shared.spec;
     let base = format!(
-        "{}/api/v1/namespaces/{}/configmaps",
-        spec.server, spec.namespace
+        "{}/api/v1/namespaces/{}/{}",
+        spec.server, spec.namespace, spec.resource
     );
     let (method, uri, body, expect) = match kind {
         Kind::Get => (

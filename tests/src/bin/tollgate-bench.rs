@@ -9,13 +9,16 @@
 //! that pod, phase by phase, the two paths alternating within every round (and the order
 //! swapping from phase to phase and round to round) so that machine noise hits both.
 //!
-//! Phases: `get` of one ConfigMap (1 client: p50/p99 and requests/s at 1 client), `list`
-//! of the 500 ConfigMaps (1 client), `create` (1 client; the created objects are removed
-//! after each round), and `get` with 32 concurrent clients (requests/s). Every loop is
-//! bounded in count and in time. The table of ratios (gateway ÷ direct) goes to stdout,
-//! the full report to `--out` (default `target/bench/report.json`).
+//! Phases: `get` of one ConfigMap (1 client: p50/p99 and requests/s at 1 client), `get`
+//! of one Secret (1 client; masked on the gateway path: the cost of masking on a read),
+//! `list` of the 500 ConfigMaps (1 client), `create` (1 client; the created objects are
+//! removed after each round), and `get` with 32 concurrent clients (requests/s). Every
+//! loop is bounded in count and in time. Before the cluster part, the masker's
+//! throughput is measured in process (`tollgate_tests::masking_bench`). The table of
+//! ratios (gateway ÷ direct) goes to stdout, the full report to `--out` (default
+//! `target/bench/report.json`).
 //!
-//! Usage: `tollgate-bench [--quick] [--out FILE]`.
+//! Usage: `tollgate-bench [--quick] [--approvals-only] [--masking-only] [--out FILE]`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -24,7 +27,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::{json, Value};
@@ -38,6 +41,8 @@ const LIST_OBJECTS: usize = 500;
 const OBJECT_DATA_BYTES: usize = 256;
 /// The ConfigMap `get` reads.
 const GET_NAME: &str = "cm-250";
+/// The Secret `get_secret` reads (masked on the gateway path).
+const SECRET_NAME: &str = "bench-secret";
 /// Label on the objects `create` makes.
 const CREATE_LABEL: &str = "tollgate.dev/bench";
 /// Clients of the concurrent throughput phase.
@@ -66,6 +71,10 @@ struct Plan {
     total_time_limit_s: u64,
     /// Approvals released per store.
     approval_rounds: usize,
+    /// Times each masking body is masked (the best counts).
+    masking_rounds: usize,
+    /// Measured `get secret` requests per path per round (masked on the gateway path).
+    get_secret: usize,
 }
 
 impl Plan {
@@ -81,6 +90,8 @@ impl Plan {
             phase_time_limit_s: 60,
             total_time_limit_s: 15 * 60,
             approval_rounds: 15,
+            masking_rounds: 5,
+            get_secret: 1000,
         }
     }
 
@@ -96,6 +107,8 @@ impl Plan {
             phase_time_limit_s: 15,
             total_time_limit_s: 90,
             approval_rounds: 5,
+            masking_rounds: 2,
+            get_secret: 300,
         }
     }
 }
@@ -119,6 +132,9 @@ impl Route {
 struct Phase {
     key: &'static str,
     verb: &'static str,
+    /// What `get` reads: a resource of the namespace and an object's name.
+    resource: &'static str,
+    get_name: &'static str,
     concurrency: usize,
     requests: usize,
 }
@@ -150,6 +166,7 @@ struct Samples {
 fn main() -> Result<()> {
     let mut quick = false;
     let mut approvals_only = false;
+    let mut masking_only = false;
     let mut out = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../target/bench/report.json"
@@ -159,9 +176,12 @@ fn main() -> Result<()> {
         match arg.as_str() {
             "--quick" => quick = true,
             "--approvals-only" => approvals_only = true,
+            "--masking-only" => masking_only = true,
             "--out" => out = PathBuf::from(args.next().context("--out needs a file")?),
             "-h" | "--help" => {
-                println!("usage: tollgate-bench [--quick] [--approvals-only] [--out FILE]");
+                println!(
+                    "usage: tollgate-bench [--quick] [--approvals-only] [--masking-only] [--out FILE]"
+                );
                 return Ok(());
             }
             other => {
@@ -169,11 +189,17 @@ fn main() -> Result<()> {
             }
         }
     }
+    let plan = if quick { Plan::quick() } else { Plan::full() };
+    if masking_only {
+        // In process: no cluster, no root.
+        let r = tollgate_tests::masking_bench::measure(plan.masking_rounds)?;
+        tollgate_tests::masking_bench::print(&r);
+        return Ok(());
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark runs a cluster in network namespaces and loads eBPF programs: run it as root");
     }
-    let plan = if quick { Plan::quick() } else { Plan::full() };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -214,6 +240,9 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         "Tollgate bench ({}): {} rounds, direct and gateway interleaved, {build} build",
         plan.name, plan.rounds
     );
+    // In process, before the cluster part: one thread, its own CPU time.
+    let masking = tollgate_tests::masking_bench::measure(plan.masking_rounds)
+        .unwrap_or_else(|err| json!({ "error": format!("{err:#}") }));
 
     let cluster = Cluster::shared();
     let mut agent = RunningAgent::start(
@@ -241,16 +270,25 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
     ns.grant(
         "bench",
         "bench",
-        vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["configmaps".into()]),
-            verbs: vec!["*".into()],
-            ..PolicyRule::default()
-        }],
+        vec![
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".into()]),
+                verbs: vec!["*".into()],
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["secrets".into()]),
+                verbs: vec!["get".into()],
+                ..PolicyRule::default()
+            },
+        ],
     )
     .await?;
     let setup = Instant::now();
     make_configmaps(&ns).await?;
+    make_secret(&ns).await?;
     println!(
         "namespace {}: {LIST_OBJECTS} ConfigMaps of {OBJECT_DATA_BYTES} bytes of data made in {:.1}s",
         ns.name,
@@ -278,24 +316,40 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         Phase {
             key: "get",
             verb: "get",
+            resource: "configmaps",
+            get_name: GET_NAME,
             concurrency: 1,
             requests: plan.get,
         },
         Phase {
+            key: "get_secret",
+            verb: "get",
+            resource: "secrets",
+            get_name: SECRET_NAME,
+            concurrency: 1,
+            requests: plan.get_secret,
+        },
+        Phase {
             key: "list",
             verb: "list",
+            resource: "configmaps",
+            get_name: GET_NAME,
             concurrency: 1,
             requests: plan.list,
         },
         Phase {
             key: "create",
             verb: "create",
+            resource: "configmaps",
+            get_name: GET_NAME,
             concurrency: 1,
             requests: plan.create,
         },
         Phase {
             key: "get_32",
             verb: "get",
+            resource: "configmaps",
+            get_name: GET_NAME,
             concurrency: CONCURRENT_CLIENTS,
             requests: plan.get_concurrent,
         },
@@ -344,7 +398,8 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
                     "token_file": tokens[&path],
                     "namespace": ns.name,
                     "phase": phase.verb,
-                    "get_name": GET_NAME,
+                    "get_name": phase.get_name,
+                    "resource": phase.resource,
                     "create_prefix": format!("c-{}-r{round}", path.name()),
                     "create_label": CREATE_LABEL,
                     "requests": phase.requests,
@@ -440,12 +495,14 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         run_started.elapsed().as_secs_f64(),
     );
     print_table(&report);
+    tollgate_tests::masking_bench::print(&masking);
     // The approval release latency needs agents of its own on node 1.
     drop(direct);
     drop(gateway);
     drop(ns);
     drop(agent);
     let mut report = report;
+    report["masking_throughput"] = masking;
     report["approval_release"] = approval_release(cluster, &agent_bin, plan.approval_rounds).await;
     print_approval_release(&report["approval_release"]);
     if let Some(parent) = out.parent() {
@@ -539,6 +596,28 @@ async fn make_configmaps(ns: &TestNamespace) -> Result<()> {
     while let Some(r) = tasks.join_next().await {
         r.context("task")??;
     }
+    Ok(())
+}
+
+/// The Secret the masked `get` reads: three values, about 3 KiB, like a TLS Secret
+/// with a password.
+async fn make_secret(ns: &TestNamespace) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(ns.client.clone(), &ns.name);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(SECRET_NAME.to_owned()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("password".to_owned(), "p".repeat(24)),
+            ("config".to_owned(), "c".repeat(384)),
+            ("tls.key".to_owned(), "k".repeat(1700)),
+        ])),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &secret)
+        .await
+        .context("creating the bench Secret")?;
     Ok(())
 }
 
@@ -673,7 +752,7 @@ fn report(
     let empty = Samples::default();
     let get = |key: &'static str, path: Route| samples.get(&(key, path)).unwrap_or(&empty);
     let mut latency = serde_json::Map::new();
-    for key in ["get", "list", "create"] {
+    for key in ["get", "get_secret", "list", "create"] {
         let mut entry = serde_json::Map::new();
         let mut p = BTreeMap::new();
         for path in [Route::Direct, Route::Gateway] {
@@ -827,7 +906,12 @@ fn print_table(r: &Value) {
         "{:<28} {:>10} {:>10} {:>8}   target",
         "", "direct", "gateway", "ratio"
     );
-    for (key, label) in [("get", "get"), ("list", "list 500"), ("create", "create")] {
+    for (key, label) in [
+        ("get", "get"),
+        ("get_secret", "get secret (masked)"),
+        ("list", "list 500"),
+        ("create", "create"),
+    ] {
         let l = &r["latency"][key];
         for (q, field) in [("p50", "p50_ms"), ("p99", "p99_ms")] {
             let target = if key == "get" && q == "p50" {
