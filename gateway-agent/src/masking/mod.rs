@@ -374,6 +374,34 @@ impl Masker {
             .map(|r| r.name.as_str())
     }
 
+    /// The rule that refuses every read of `resource` in API `group` outright, for a
+    /// resource whose kind the proxy does not know by name (custom resources): a rule's
+    /// kind matches when it is written `resource.group` (`resource` for the core group),
+    /// or when its plural by the usual rules (`Widget` → `widgets`, `Policy` →
+    /// `policies`, `Box` → `boxes`: what CRDs use unless told otherwise) is `resource`.
+    /// Refusing before forwarding matters most for Tables, whose rows need not say their
+    /// kind.
+    pub fn refusal_for_resource(&self, group: &str, resource: &str) -> Option<&str> {
+        if group.is_empty() && resource == "secrets" && self.secrets == Action::Refuse {
+            return Some(secrets::SECRETS_RULE);
+        }
+        let qualified = if group.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{resource}.{group}")
+        };
+        self.rules
+            .iter()
+            .filter(|r| r.action == Action::Refuse && r.path.is_none())
+            .find(|r| {
+                r.kinds().is_empty()
+                    || r.kinds()
+                        .iter()
+                        .any(|k| *k == qualified || conventional_plural(k) == resource)
+            })
+            .map(|r| r.name.as_str())
+    }
+
     /// Masks a whole body held in memory: a JSON document (object, list, Table) or a
     /// watch stream (one event after another). Returns the masked body and the counts.
     pub fn mask_body(
@@ -553,6 +581,21 @@ impl Masker {
 
     pub(crate) fn detectors(&self) -> &detectors::Detectors {
         &self.detectors
+    }
+}
+
+/// The resource name a kind gets by default: lower case, plural by the usual English
+/// rules (the API server's own default for CRDs and kubectl's guess).
+pub fn conventional_plural(kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    let consonant_y =
+        lower.ends_with('y') && !lower[..lower.len() - 1].ends_with(['a', 'e', 'i', 'o', 'u']);
+    if consonant_y {
+        format!("{}ies", &lower[..lower.len() - 1])
+    } else if lower.ends_with(['s', 'x', 'z']) || lower.ends_with("ch") || lower.ends_with("sh") {
+        format!("{lower}es")
+    } else {
+        format!("{lower}s")
     }
 }
 

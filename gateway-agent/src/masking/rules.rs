@@ -140,6 +140,11 @@ impl Rule {
         })
     }
 
+    /// The kinds the rule names (empty: every kind).
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
+    }
+
     /// Whether the rule is about objects of this kind (`None`: unknown kind, only rules
     /// for every kind apply).
     pub fn applies_to(&self, kind: Option<&str>) -> bool {

@@ -926,3 +926,47 @@ rules:
         MaskingConfig::default()
     );
 }
+
+#[test]
+fn refusals_by_resource_name() {
+    for (kind, plural) in [
+        ("Widget", "widgets"),
+        ("Policy", "policies"),
+        ("Gateway", "gateways"),
+        ("Box", "boxes"),
+        ("Batch", "batches"),
+        ("Ingress", "ingresses"),
+    ] {
+        assert_eq!(conventional_plural(kind), plural);
+    }
+    let config = MaskingConfig {
+        rules: vec![RuleConfig {
+            name: "no-widgets".into(),
+            kinds: vec!["Widget".into(), "geese.zoo.example".into()],
+            path: None,
+            name_pattern: None,
+            action: Action::Refuse,
+            base64: false,
+        }],
+        ..MaskingConfig::default()
+    };
+    let m = Masker::new(&config).unwrap();
+    assert_eq!(
+        m.refusal_for_resource("example.com", "widgets"),
+        Some("no-widgets")
+    );
+    assert_eq!(
+        m.refusal_for_resource("zoo.example", "geese"),
+        Some("no-widgets")
+    );
+    assert_eq!(m.refusal_for_resource("example.com", "gadgets"), None);
+    // Secrets are refused by `secrets: refuse` only, and only the core ones.
+    assert_eq!(m.refusal_for_resource("", "secrets"), None);
+    let refuse = MaskingConfig {
+        secrets: Action::Refuse,
+        ..MaskingConfig::default()
+    };
+    let m = Masker::new(&refuse).unwrap();
+    assert_eq!(m.refusal_for_resource("", "secrets"), Some("secrets"));
+    assert_eq!(m.refusal_for_resource("example.com", "secrets"), None);
+}

@@ -50,7 +50,7 @@ use super::classify::RequestInfo;
 use super::upstream::{BoxError, ProxyBody};
 use crate::masking::{BodyFormat, Context, MaskError, MaskStats, Masker, StreamMasker};
 use crate::metrics::{MaskRefusalLabels, MaskedLabels, Metrics};
-use crate::status::{Status, Subject};
+use crate::status::{Status, StatusDetails, Subject};
 
 /// Subresources whose answer is not a Kubernetes object: passed through.
 const UNMASKED_SUBRESOURCES: &[&str] = &["log", "exec", "attach", "portforward", "proxy"];
@@ -142,7 +142,10 @@ pub fn prepare(
         metrics: metrics.clone(),
         span: tracing::Span::current(),
     };
-    if let Some(rule) = masker.refusal_for_kind(&plan.kind) {
+    let refusal = masker
+        .refusal_for_kind(&plan.kind)
+        .or_else(|| masker.refusal_for_resource(&info.api_group, &info.resource));
+    if let Some(rule) = refusal {
         warn!(kind = %plan.kind, rule, "refused by a masking rule");
         plan.refused("rule");
         return Err(Box::new(Status::forbidden(
@@ -234,14 +237,27 @@ where
         } else {
             502
         };
-        return Err(Status::failure(
+        let mut refusal = Status::failure(
             code,
             reason_for(code),
             format!(
                 "the API server answered {} with a {content_type} body, which Tollgate cannot inspect and does not pass on",
                 status.as_u16()
             ),
-        ));
+        );
+        // The handler turns this back into a Retry-After header.
+        let retry_after = parts
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if let Some(seconds) = retry_after {
+            refusal = refusal.with_details(StatusDetails {
+                retry_after_seconds: Some(seconds),
+                ..StatusDetails::default()
+            });
+        }
+        return Err(refusal);
     }
     parts.headers.remove(CONTENT_LENGTH);
     // A failed watch answers with one Status document, not a stream of events.
@@ -813,6 +829,32 @@ mod tests {
         // ConfigMaps are still read (and masked).
         assert!(plan_for(&masker, "/api/v1/namespaces/ns/configmaps", &metrics).is_some());
 
+        // A custom kind the proxy knows only by its resource name.
+        let config = MaskingConfig {
+            rules: vec![crate::masking::RuleConfig {
+                name: "no-widgets".into(),
+                kinds: vec!["Widget".into()],
+                path: None,
+                name_pattern: None,
+                action: crate::masking::Action::Refuse,
+                base64: false,
+            }],
+            ..MaskingConfig::default()
+        };
+        let widgets = Arc::new(Masker::new(&config).unwrap());
+        let mut headers = HeaderMap::new();
+        let err = prepare(
+            &widgets,
+            &info(&Method::GET, "/apis/example.com/v1/namespaces/ns/widgets"),
+            &Method::GET,
+            false,
+            &mut headers,
+            &metrics,
+        )
+        .err()
+        .unwrap();
+        assert!(err.message.contains("no-widgets"), "{}", err.message);
+
         // A watch over WebSocket cannot be inspected: refused.
         let masker = crate::masking::default_masker();
         let err = prepare(
@@ -838,7 +880,7 @@ mod tests {
         assert!(matches!(exec, Ok(None)));
         let text = metrics.encode();
         assert!(
-            text.contains(r#"tollgate_masking_refusals_total{reason="rule"} 3"#)
+            text.contains(r#"tollgate_masking_refusals_total{reason="rule"} 4"#)
                 && text.contains(r#"tollgate_masking_refusals_total{reason="upgrade"} 1"#),
             "{text}"
         );
@@ -892,16 +934,16 @@ mod tests {
             .unwrap();
             assert_eq!(err.code, 502, "{content_type:?}");
         }
-        // An upstream error with a body we cannot read keeps its code.
-        let err = respond(
-            plan_for(&masker, path, &metrics),
-            parts(503, Some("text/plain")),
-            chunked(REAL, 100),
-        )
-        .await
-        .err()
-        .unwrap();
+        // An upstream error with a body we cannot read keeps its code and Retry-After.
+        let mut busy = parts(503, Some("text/plain"));
+        busy.headers
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("3"));
+        let err = respond(plan_for(&masker, path, &metrics), busy, chunked(REAL, 100))
+            .await
+            .err()
+            .unwrap();
         assert_eq!((err.code, err.reason.as_str()), (503, "ServiceUnavailable"));
+        assert_eq!(err.details.unwrap().retry_after_seconds, Some(3));
         assert!(!err.message.contains(REAL));
 
         // gzip after all: refused.
