@@ -9,6 +9,10 @@
 //! and the kind: a create, an update or a delete answers with the object too, and the
 //! masker is cheap on objects with nothing to mask (an object whose masking changed
 //! nothing is forwarded byte for byte). The cost is measured by `cargo xtask bench`.
+//! Consequences worth knowing: a token an enforced pod asks for (`serviceaccounts/token`,
+//! `kubectl create token`) comes back masked by the token detector; `pods/log` and the
+//! `proxy` subresources are not inspected, so a policy for agents should deny what they
+//! must not read there.
 //!
 //! For such a request, [`prepare`] (before forwarding):
 //! - refuses at once (403, naming the rule) when a masking rule refuses the kind
