@@ -41,6 +41,8 @@ pub enum AppError {
     Tls(#[from] proxy::tls::TlsError),
     #[error("approvals: {0}")]
     Approvals(String),
+    #[error("recording: {0}")]
+    Recording(String),
     #[error("REST API: {0}")]
     Api(#[from] crate::api::ApiError),
     #[error("proxy listener {addr}: {source}")]
@@ -203,6 +205,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // Approvals: the store, the expiry sweep, the webhook, and the reviewers' API.
     let approvals = start_approvals(&config, &client, &metrics).await?;
 
+    // Session recording: one hash-chained file per enforced connection.
+    let recorder = match config
+        .recording
+        .recording_config(&config.approvals.state_dir, &config.node_name)
+    {
+        Some(recording) => {
+            let dir = recording.dir.clone();
+            let recorder = crate::recording::Recorder::new(recording)
+                .map_err(|e| AppError::Recording(e.to_string()))?;
+            tokio::spawn(crate::recording::run_retention(
+                recorder.clone(),
+                Duration::from_secs(600),
+            ));
+            info!(dir = %dir.display(), "recording sessions");
+            Some(recorder)
+        }
+        None => {
+            warn!("session recording is off (--no-recording)");
+            None
+        }
+    };
+
     // The proxy.
     let gateway = Arc::new(Gateway {
         upstream: proxy::upstream::Upstream::new(
@@ -221,6 +245,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         allow_unbound_tokens: config.allow_unbound_tokens,
         metrics: metrics.clone(),
         approvals: Some(approvals),
+        recorder: recorder.clone(),
+        record_body_limit: config.recording.record_max_body_bytes,
     });
     let acceptor = Arc::new(Acceptor {
         gateway,
@@ -260,11 +286,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     discovery_task.abort();
     admin_task.abort();
+    if let Some(recorder) = recorder {
+        // Open sessions get their `end` record, and queued records reach the file.
+        recorder.shutdown().await;
+    }
     Ok(())
 }
 
 /// Opens the approval store, cancels what this node held before it restarted, starts
-/// the expiry sweep and the REST API, and returns the proxy's approval gate.
+/// the expiry sweep and the REST API (approvals and recorded sessions), and returns the
+/// proxy's approval gate.
 async fn start_approvals(
     config: &Config,
     client: &kube::Client,
@@ -296,8 +327,15 @@ async fn start_approvals(
         }) as OnCreated
     });
 
-    let api_state =
+    let mut api_state =
         crate::api::ApiState::from_args(&config.api, store.clone(), client.clone()).await?;
+    // The REST API also serves the recorded sessions, under the same authentication.
+    if let Some(recording) = config
+        .recording
+        .recording_config(&config.approvals.state_dir, &config.node_name)
+    {
+        api_state = api_state.with_sessions(recording.dir);
+    }
     let api_tls = config.api.tls_config(&config.tls_cert, &config.tls_key)?;
     let api_listener = TcpListener::bind(config.api.api_listen)
         .await

@@ -80,6 +80,67 @@ pub struct RunArgs {
     /// The reviewers' REST API (flags and environment only, not the YAML file).
     #[command(flatten)]
     pub api: crate::api::ApiArgs,
+    /// Session recording (flags and environment only, not the YAML file).
+    #[command(flatten)]
+    pub recording: RecordingArgs,
+}
+
+/// Where and how sessions are recorded (DESIGN §7). On by default: a proxy that holds
+/// and masks calls but keeps no record of them cannot be audited.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordingArgs {
+    /// Do not record sessions (the proxy still enforces and masks).
+    #[arg(long, env = "TOLLGATE_NO_RECORDING")]
+    pub no_recording: bool,
+    /// Directory of session files [default: <state-dir>/sessions].
+    #[arg(long, env = "TOLLGATE_SESSIONS_DIR")]
+    pub sessions_dir: Option<PathBuf>,
+    /// Bytes one session may take before later exchanges are only counted.
+    #[arg(long, env = "TOLLGATE_RECORD_MAX_SESSION_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub record_max_session_bytes: u64,
+    /// Largest request or response body kept in a record (larger ones keep their size
+    /// and SHA-256).
+    #[arg(long, env = "TOLLGATE_RECORD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub record_max_body_bytes: usize,
+    /// Session files older than this are deleted (30d, 12h).
+    #[arg(long, env = "TOLLGATE_RECORD_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub record_retention: Duration,
+    /// The oldest session files are deleted beyond this many bytes in all.
+    #[arg(long, env = "TOLLGATE_RECORD_RETENTION_BYTES", default_value_t = 8 * 1024 * 1024 * 1024)]
+    pub record_retention_bytes: u64,
+    /// When records reach the disk: `close` (fsync when a session ends), `every-record`
+    /// (survives power loss, one flush per exchange) or `never` (the page cache; a
+    /// killed agent still loses nothing it wrote).
+    #[arg(long, env = "TOLLGATE_RECORD_SYNC", default_value = "close", value_parser = ["close", "every-record", "never"])]
+    pub record_sync: String,
+}
+
+impl RecordingArgs {
+    /// The recorder's configuration, or None when recording is off.
+    pub fn recording_config(
+        &self,
+        state_dir: &Path,
+        node: &str,
+    ) -> Option<crate::recording::RecordingConfig> {
+        if self.no_recording {
+            return None;
+        }
+        let dir = self
+            .sessions_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("sessions"));
+        let mut config = crate::recording::RecordingConfig::new(dir, node);
+        config.max_session_bytes = self.record_max_session_bytes;
+        config.max_record_body_bytes = self.record_max_body_bytes;
+        config.retention_max_age = Some(self.record_retention);
+        config.retention_max_total_bytes = Some(self.record_retention_bytes);
+        config.sync = match self.record_sync.as_str() {
+            "every-record" => crate::recording::SyncPolicy::EveryRecord,
+            "never" => crate::recording::SyncPolicy::Never,
+            _ => crate::recording::SyncPolicy::OnClose,
+        };
+        Some(config)
+    }
 }
 
 /// The same settings as a YAML file.
@@ -124,6 +185,7 @@ pub struct Config {
     pub approval_expiry_interval: Duration,
     pub approvals: crate::approvals::config::ApprovalArgs,
     pub api: crate::api::ApiArgs,
+    pub recording: RecordingArgs,
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 15443;
@@ -282,6 +344,7 @@ impl Config {
                 .unwrap_or(DEFAULT_APPROVAL_EXPIRY_INTERVAL),
             approvals: args.approvals,
             api: args.api,
+            recording: args.recording,
         })
     }
 }
@@ -317,8 +380,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
         _ => Err(format!(
-            "{text:?} is not a duration like 500ms, 5s, 2m or 1h"
+            "{text:?} is not a duration like 500ms, 5s, 2m, 1h or 30d"
         )),
     }
 }

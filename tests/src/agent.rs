@@ -85,6 +85,8 @@ pub struct RunningAgent {
     pub policy_file: PathBuf,
     /// The REST API's CA (the cluster CA: the agent's certificate is issued from it).
     pub ca_file: PathBuf,
+    /// `--state-dir`: the embedded approval store and `sessions/`.
+    pub state_dir: PathBuf,
     /// The options it was started with (for [`RunningAgent::restart`]).
     pub options: AgentOptions,
     cgroup: PathBuf,
@@ -221,6 +223,7 @@ impl RunningAgent {
             log,
             policy_file,
             ca_file: pki.join("ca.crt"),
+            state_dir,
             options,
             cgroup,
             keep_pins: false,
@@ -243,6 +246,31 @@ impl RunningAgent {
         }
         drop(self);
         RunningAgent::start(cluster, options)
+    }
+
+    /// Where this agent records sessions.
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.state_dir.join("sessions")
+    }
+
+    /// `tg-agent sessions ARGS --dir <this agent's sessions>`.
+    pub fn sessions_cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(&self.bin)
+            .arg("sessions")
+            .args(args)
+            .arg("--dir")
+            .arg(self.sessions_dir())
+            .stdin(Stdio::null())
+            .output()
+            .context("running the sessions CLI")
+    }
+
+    /// Kills the agent with SIGKILL: no shutdown, no flush (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The REST API's base URL.

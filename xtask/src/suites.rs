@@ -79,6 +79,12 @@ pub const SUITES: &[Suite] = &[
         // One agent per test on node 1: tests take turns.
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "recording",
+        about: "sessions recorded as kubectl made them: request by request, exec replay, tamper evidence, kill -9 (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "recording"],
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {

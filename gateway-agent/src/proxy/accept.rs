@@ -122,6 +122,8 @@ impl<R: TokenReviewer, O: OriginLookup> Acceptor<R, O> {
                     peer,
                     original_dst: normalise(origin.dst),
                     pod: pod_info(&pod),
+                    // Opened once the TLS handshake succeeds (see serve_connection).
+                    recording: crate::recording::SessionHandle::disabled(),
                 };
                 super::serve_connection(stream, self.tls.clone(), self.gateway.clone(), connection)
                     .await;

@@ -110,8 +110,8 @@ pub enum Gated {
     /// Answered without running the call (a Status, or the API server's own refusal
     /// of the dry-run).
     Answered(Response<ProxyBody>),
-    /// Refused by Tollgate.
-    Refused(Status),
+    /// Refused by Tollgate; the approval it concerns.
+    Refused(Status, String),
 }
 
 impl ApprovalGate {
@@ -141,7 +141,7 @@ impl ApprovalGate {
                     return Ok(self.claim(&approval.id).await);
                 }
                 State::Denied if !expired => {
-                    return Ok(Gated::Refused(ended(call.info, &approval)));
+                    return Ok(Gated::Refused(ended(call.info, &approval), approval.id));
                 }
                 _ => {}
             }
@@ -254,7 +254,8 @@ impl ApprovalGate {
             call.rule.mode
         };
         if mode == Mode::Retry {
-            return Gated::Refused(come_back(call, &approval.id, "waits for approval"));
+            let status = come_back(call, &approval.id, "waits for approval");
+            return Gated::Refused(status, approval.id);
         }
         let id = approval.id.clone();
         let mut cancel = CancelOnDrop {
@@ -281,18 +282,20 @@ impl ApprovalGate {
                             Ok(Some(fresh)) => current = fresh,
                             Ok(None) => {
                                 cancel.armed = false;
-                                return Gated::Refused(Status::internal_error(format!(
+                                let status = Status::internal_error(format!(
                                     "approval {id} disappeared from the store"
-                                )));
+                                ));
+                                return Gated::Refused(status, id);
                             }
                             Err(err) => warn!(%err, "re-reading a held approval"),
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         cancel.armed = false;
-                        return Gated::Refused(Status::service_unavailable(
+                        let status = Status::service_unavailable(
                             "the approval store stopped; try again",
-                        ));
+                        );
+                        return Gated::Refused(status, id);
                     }
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -300,13 +303,14 @@ impl ApprovalGate {
                     // finds it (client-go and kube-rs retry a 429 by themselves).
                     cancel.armed = false;
                     self.count("hold_timeout");
-                    return Gated::Refused(come_back(call, &id, "is still waiting for approval"));
+                    let status = come_back(call, &id, "is still waiting for approval");
+                    return Gated::Refused(status, id);
                 }
             }
         }
         match current.status.state {
             State::Approved => self.claim(&id).await,
-            _ => Gated::Refused(ended(call.info, &current)),
+            _ => Gated::Refused(ended(call.info, &current), id),
         }
     }
 
@@ -343,12 +347,11 @@ impl ApprovalGate {
                 info!(approval = %approval.id, "approved; sending the call");
                 Gated::Proceed(Box::new(approval))
             }
-            Err(crate::approvals::StoreError::Rejected(reason)) => Gated::Refused(Status::failure(
-                409,
-                "Conflict",
-                format!("Tollgate: {reason}"),
-            )),
-            Err(err) => Gated::Refused(store_unavailable(err)),
+            Err(crate::approvals::StoreError::Rejected(reason)) => Gated::Refused(
+                Status::failure(409, "Conflict", format!("Tollgate: {reason}")),
+                id.to_owned(),
+            ),
+            Err(err) => Gated::Refused(store_unavailable(err), id.to_owned()),
         }
     }
 

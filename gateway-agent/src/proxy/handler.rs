@@ -19,10 +19,15 @@ use tracing::{info, warn, Instrument};
 use super::approval::{ApprovalGate, Gated, HeldCall};
 use super::classify::{classify, RequestInfo};
 use super::masking;
+use super::record::{self, Exchanged, RequestHead, RequestTap};
 use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Upstream, UpstreamError};
 use crate::identity::{check_pod, AttributedPod, Identity, Review, TokenReviewer};
 use crate::metrics::RequestLabels;
 use crate::policy::{Action, Caller, Decision, Policy};
+use crate::recording::{
+    splice_recorded, Action as RecordedAction, RemoteCommandTap, SessionHandle, StreamProtocol,
+    Timestamp,
+};
 use crate::status::{Status, Subject};
 
 /// The header the API server reads (and echoes) to tie its audit event to ours.
@@ -75,6 +80,10 @@ pub struct Gateway<R: TokenReviewer> {
     /// Holds calls that the policy says need approval; `None` when the agent runs
     /// without an approval store (such calls are then refused).
     pub approvals: Option<Arc<ApprovalGate>>,
+    /// Opens each enforced connection's session record; `None` when recording is off.
+    pub recorder: Option<crate::recording::Recorder>,
+    /// The largest body kept in a session record (the recorder's cap).
+    pub record_body_limit: usize,
 }
 
 /// The pod on the other end of a connection, as the kernel and discovery know it.
@@ -89,13 +98,15 @@ pub struct PodInfo {
 }
 
 /// One client connection (one session).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionInfo {
     pub session: String,
     pub peer: SocketAddr,
     /// Where the pod was going: the API server address it dialled.
     pub original_dst: SocketAddr,
     pub pod: PodInfo,
+    /// This session's recording (a no-op handle when recording is off).
+    pub recording: SessionHandle,
 }
 
 /// Serves one request. Never fails: every error becomes a Status response.
@@ -117,10 +128,32 @@ pub async fn handle<R: TokenReviewer>(
         rule = tracing::field::Empty,
     );
     let started = Instant::now();
-    let mut verb = String::new();
-    let response = serve(&gateway, &connection, request, &request_id, &mut verb)
-        .instrument(span.clone())
-        .await;
+    let recording = !connection.recording.id().is_empty();
+    let head = recording.then(|| RequestHead {
+        audit_id: request_id.clone(),
+        received: Timestamp::now(),
+        uri: request.uri().path_and_query().map_or_else(
+            || request.uri().path().to_owned(),
+            |pq| pq.as_str().to_owned(),
+        ),
+        user_agent: request
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        source_ip: connection.pod.ip.clone(),
+    });
+    let mut exchanged = Exchanged::default();
+    let response = serve(
+        &gateway,
+        &connection,
+        request,
+        &request_id,
+        &mut exchanged,
+        recording,
+    )
+    .instrument(span.clone())
+    .await;
     let (response, decision) = match response {
         Ok(response) => (response, "allow"),
         Err(refusal) => (refusal.into_response(), "refused"),
@@ -129,7 +162,7 @@ pub async fn handle<R: TokenReviewer>(
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            verb,
+            verb: exchanged.verb().to_owned(),
             decision: decision.to_owned(),
             code: response.status().as_u16(),
         })
@@ -145,7 +178,18 @@ pub async fn handle<R: TokenReviewer>(
             "done"
         )
     });
-    Ok(response)
+    let Some(head) = head else {
+        return Ok(response);
+    };
+    // What the client receives (masked) is what is recorded, when it has received it.
+    Ok(record::attach(
+        &connection.recording,
+        gateway.record_body_limit,
+        gateway.policy.current().masker.clone(),
+        head,
+        exchanged,
+        response,
+    ))
 }
 
 /// A request answered by the proxy itself.
@@ -187,7 +231,8 @@ async fn serve<R: TokenReviewer>(
     connection: &ConnectionInfo,
     request: Request<Incoming>,
     request_id: &str,
-    verb: &mut String,
+    exchanged: &mut Exchanged,
+    recording: bool,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let refuse = |status: Status| Refusal::new(status, request_id);
 
@@ -216,7 +261,7 @@ async fn serve<R: TokenReviewer>(
     if upgrade {
         info.treat_streaming_upgrade_as_create();
     }
-    verb.clone_from(&info.verb);
+    exchanged.info = Some(info.clone());
 
     // Identify: whose token is it, and is it this pod's?
     let token = bearer_token(request.headers()).ok_or_else(|| {
@@ -242,6 +287,9 @@ async fn serve<R: TokenReviewer>(
         name: connection.pod.name.clone(),
         uid: connection.pod.uid.clone(),
     };
+    if recording {
+        exchanged.user = Some(user.clone());
+    }
     if let Err(mismatch) = check_pod(&user, &pod, gateway.allow_unbound_tokens) {
         warn!(user = %user.username, %mismatch, "token used from the wrong pod");
         return Err(refuse(Status::forbidden(
@@ -273,6 +321,22 @@ async fn serve<R: TokenReviewer>(
         rule = decision.rule.as_deref().unwrap_or("<default>"),
         "decided"
     );
+    if recording {
+        let action = match decision.action {
+            Action::Allow => RecordedAction::Allow,
+            Action::Deny => RecordedAction::Deny,
+            Action::Approve => RecordedAction::Approve,
+        };
+        exchanged.decision = Some((action, decision.rule.clone(), decision.reason.clone()));
+        if !upgrade {
+            let content_type = request
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            exchanged.request_body = Some(RequestTap::new(gateway.record_body_limit, content_type));
+        }
+    }
+    let tap = exchanged.request_body.clone();
     match decision.action {
         Action::Deny => {
             let why = match &decision.rule {
@@ -288,13 +352,15 @@ async fn serve<R: TokenReviewer>(
                 decision: &decision,
                 upgrade,
             };
-            hold_for_approval(gateway, connection, request, call, request_id)
-                .await
-                .map_err(refuse)
+            let held = hold_for_approval(gateway, connection, request, call, request_id, tap).await;
+            exchanged.approval_id = held.approval_id;
+            held.response.map_err(refuse)
         }
-        Action::Allow => forward(gateway, connection, request, upgrade, request_id, &info)
-            .await
-            .map_err(refuse),
+        Action::Allow => forward(
+            gateway, connection, request, upgrade, request_id, &info, tap,
+        )
+        .await
+        .map_err(refuse),
     }
 }
 
@@ -306,13 +372,46 @@ struct Approvable<'a> {
     upgrade: bool,
 }
 
+/// How a held call ended: the response (or refusal), and the approval it concerned.
+struct HeldOutcome {
+    response: Result<Response<ProxyBody>, Status>,
+    approval_id: Option<String>,
+}
+
 /// Reads the call whole, hands it to the approval gate, and sends it once approved.
 async fn hold_for_approval<R: TokenReviewer>(
+    gateway: &Gateway<R>,
+    connection: &ConnectionInfo,
+    request: Request<Incoming>,
+    call: Approvable<'_>,
+    request_id: &str,
+    tap: Option<RequestTap>,
+) -> HeldOutcome {
+    let mut approval_id = None;
+    let response = held_call(
+        gateway,
+        connection,
+        request,
+        call,
+        request_id,
+        tap,
+        &mut approval_id,
+    )
+    .await;
+    HeldOutcome {
+        response,
+        approval_id,
+    }
+}
+
+async fn held_call<R: TokenReviewer>(
     gateway: &Gateway<R>,
     connection: &ConnectionInfo,
     mut request: Request<Incoming>,
     call: Approvable<'_>,
     request_id: &str,
+    tap: Option<RequestTap>,
+    approval_id: &mut Option<String>,
 ) -> Result<Response<ProxyBody>, Status> {
     let rule_name = call.decision.rule.as_deref().unwrap_or("<default>");
     let (Some(gate), Some(rule)) = (
@@ -342,6 +441,18 @@ async fn hold_for_approval<R: TokenReviewer>(
             return Err(Status::request_entity_too_large(limit));
         }
     }
+    // The answer of an approved call is masked like any other (a created Secret comes
+    // back with its data).
+    let (method, headers) = (request.method().clone(), request.headers_mut());
+    let masking = masking::prepare(
+        &gateway.policy.current().masker,
+        call.info,
+        &method,
+        call.upgrade,
+        headers,
+        &gateway.metrics,
+    )
+    .map_err(|status| *status)?;
     let client_upgrade = call.upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     prepare_upstream_headers(&mut parts.headers, connection, request_id, call.upgrade);
@@ -356,6 +467,9 @@ async fn hold_for_approval<R: TokenReviewer>(
             )))
         }
     };
+    if let Some(tap) = &tap {
+        tap.push(&body);
+    }
     let held = HeldCall {
         parts: &parts,
         body,
@@ -370,12 +484,18 @@ async fn hold_for_approval<R: TokenReviewer>(
     let approval = match gate.admit(&gateway.upstream, &held).await? {
         Gated::Proceed(approval) => approval,
         Gated::Answered(response) => return Ok(response),
-        Gated::Refused(status) => return Err(status),
+        Gated::Refused(status, id) => {
+            *approval_id = Some(id);
+            return Err(status);
+        }
     };
+    *approval_id = Some(approval.id.clone());
     let Some(client_upgrade) = client_upgrade else {
-        return gate
+        let response = gate
             .execute(&gateway.upstream, connection.original_dst, &held, &approval)
-            .await;
+            .await?;
+        let (parts, body) = response.into_parts();
+        return masking::respond(masking, parts, body).await;
     };
     let upstream_request = Request::from_parts(parts, empty());
     let response = gateway
@@ -384,7 +504,13 @@ async fn hold_for_approval<R: TokenReviewer>(
         .await
         .map_err(|err| Status::service_unavailable(err.to_string()))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(splice_upgrade(client_upgrade, response));
+        return Ok(splice_upgrade(
+            client_upgrade,
+            response,
+            connection,
+            request_id,
+            call.info,
+        ));
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
@@ -420,6 +546,7 @@ async fn forward<R: TokenReviewer>(
     upgrade: bool,
     request_id: &str,
     info: &RequestInfo,
+    tap: Option<RequestTap>,
 ) -> Result<Response<ProxyBody>, Status> {
     let limit = gateway.limits.max_body_bytes;
     if let Some(length) = content_length(request.headers()) {
@@ -455,14 +582,24 @@ async fn forward<R: TokenReviewer>(
     // and this flag tells that failure apart from an unreachable API server.
     let too_large = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = too_large.clone();
-    let body: ProxyBody = Limited::new(body, limit)
-        .map_err(move |err| {
-            if err.is::<http_body_util::LengthLimitError>() {
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            err
-        })
-        .boxed();
+    let body = Limited::new(body, limit).map_err(move |err| {
+        if err.is::<http_body_util::LengthLimitError>() {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        err
+    });
+    // Recording keeps a copy of what went upstream (up to the record's body cap).
+    let body: ProxyBody = match tap {
+        Some(tap) => body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    tap.push(data);
+                }
+                frame
+            })
+            .boxed(),
+        None => body.boxed(),
+    };
     let upstream_request = Request::from_parts(parts, body);
 
     let response = gateway
@@ -480,7 +617,13 @@ async fn forward<R: TokenReviewer>(
     if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
         (client_upgrade, response.status())
     {
-        return Ok(splice_upgrade(client_upgrade, response));
+        return Ok(splice_upgrade(
+            client_upgrade,
+            response,
+            connection,
+            request_id,
+            info,
+        ));
     }
 
     let (mut parts, body) = response.into_parts();
@@ -505,12 +648,29 @@ async fn discard(mut body: Incoming, mut budget: u64) {
 }
 
 /// After `101 Switching Protocols` both sides speak the upgraded protocol (SPDY or
-/// WebSocket): relay the bytes both ways until either side closes.
+/// WebSocket): relay the bytes both ways until either side closes, recording the
+/// terminal's frames (exec, attach) when the session is recorded.
 fn splice_upgrade(
     client: hyper::upgrade::OnUpgrade,
     mut response: Response<Incoming>,
+    connection: &ConnectionInfo,
+    request_id: &str,
+    info: &RequestInfo,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut response);
+    let header = |name: http::header::HeaderName| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let protocol = StreamProtocol::negotiated(
+        header(http::header::UPGRADE).as_deref(),
+        header(http::header::SEC_WEBSOCKET_PROTOCOL).as_deref(),
+        Some(info.subresource.as_str()),
+    );
+    let stream = connection.recording.stream(request_id, &protocol);
     tokio::spawn(
         async move {
             let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -520,9 +680,10 @@ fn splice_upgrade(
                     return;
                 }
             };
-            let mut client = hyper_util::rt::TokioIo::new(client);
-            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            let client = hyper_util::rt::TokioIo::new(client);
+            let upstream = hyper_util::rt::TokioIo::new(upstream);
+            let (to_server, to_client) = RemoteCommandTap::pair(stream);
+            match splice_recorded(client, upstream, to_server, to_client).await {
                 Ok((to_server, to_client)) => info!(to_server, to_client, "upgraded stream closed"),
                 Err(err) => info!(%err, "upgraded stream ended"),
             }

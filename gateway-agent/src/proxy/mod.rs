@@ -10,6 +10,7 @@ pub mod approval;
 pub mod classify;
 pub mod handler;
 pub mod masking;
+pub mod record;
 pub mod tls;
 pub mod upstream;
 
@@ -60,6 +61,20 @@ pub async fn serve_connection<S, R>(
                 return;
             }
         };
+        // One recorded session per client connection that got past the handshake.
+        let mut connection = connection;
+        if let Some(recorder) = &gateway.recorder {
+            connection.recording = recorder.open_session(crate::recording::SessionInfo {
+                id: connection.session.clone(),
+                pod_namespace: connection.pod.namespace.clone(),
+                pod_name: connection.pod.name.clone(),
+                pod_uid: connection.pod.uid.clone(),
+                pod_service_account: connection.pod.service_account.clone(),
+                peer: connection.peer.to_string(),
+                api_server: connection.original_dst.to_string(),
+                started_at: crate::recording::Timestamp::default(),
+            });
+        }
         let connection = Arc::new(connection);
         let service = service_fn(move |request| {
             handler::handle(gateway.clone(), connection.clone(), request)
