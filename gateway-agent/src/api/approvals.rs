@@ -3,11 +3,9 @@
 //! Authorization happens here, not in the dispatcher, because the namespace a review
 //! is about is the requesting pod's, which only the stored approval knows.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -15,16 +13,13 @@ use serde::Deserialize;
 use tracing::info;
 
 use super::auth::Caller;
-use super::authz::Attributes;
+use super::authz::{self, APPROVALS};
 use super::{json_response, ApiError, ApiState, Body};
 use crate::approvals::model::{now_rfc3339, ApprovalRequest, Reviewer, State, Verdict};
 
 /// The longest reason accepted: it is stored on the approval and shown to the client
 /// whose request was denied.
 const MAX_REASON_CHARS: usize = 2048;
-
-/// SubjectAccessReviews sent at once when a list falls back to per-namespace checks.
-const PARALLEL_REVIEWS: usize = 8;
 
 /// `?state=`, `?watch=`, `?timeoutSeconds=` of `GET /approvals`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,110 +75,15 @@ impl ListQuery {
     }
 }
 
-/// Which approvals a caller may see for a verb: all, or those of some namespaces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    AllNamespaces,
-    Namespaces(BTreeSet<String>),
-}
-
-impl Scope {
-    pub fn includes(&self, namespace: &str) -> bool {
-        match self {
-            Scope::AllNamespaces => true,
-            Scope::Namespaces(set) => set.contains(namespace),
-        }
-    }
-}
-
-/// The scope of `verb` for `caller`: every namespace if RBAC allows it cluster-wide,
-/// else the namespaces among `candidates` (plus a service account's own namespace,
-/// where a namespace-scoped reviewer's Role usually is) where it is allowed. None at
-/// all is a 403.
-pub async fn scope(
-    state: &ApiState,
-    caller: &Caller,
-    verb: &'static str,
-    candidates: impl IntoIterator<Item = String>,
-) -> Result<Scope, ApiError> {
-    let cluster = Attributes {
-        verb,
-        namespace: String::new(),
-        name: String::new(),
-    };
-    let access = state.authz.check(caller, &cluster).await?;
-    if access.allowed {
-        return Ok(Scope::AllNamespaces);
-    }
-    let mut namespaces: BTreeSet<String> =
-        candidates.into_iter().filter(|n| !n.is_empty()).collect();
-    if let Some(ns) = service_account_namespace(&caller.username) {
-        namespaces.insert(ns.to_owned());
-    }
-    let checks = futures_util::stream::iter(namespaces.into_iter().map(|namespace| async move {
-        let attributes = Attributes {
-            verb,
-            namespace,
-            name: String::new(),
-        };
-        let allowed = state
-            .authz
-            .check(caller, &attributes)
-            .await
-            .map(|a| a.allowed);
-        (attributes.namespace, allowed)
-    }))
-    .buffer_unordered(PARALLEL_REVIEWS)
-    .collect::<Vec<_>>()
-    .await;
-    let mut allowed = BTreeSet::new();
-    for (namespace, answer) in checks {
-        if answer? {
-            allowed.insert(namespace);
-        }
-    }
-    if allowed.is_empty() {
-        return Err(ApiError::Forbidden {
-            user: caller.username.clone(),
-            verb,
-            namespace: String::new(),
-            name: String::new(),
-            reason: access.reason,
-        });
-    }
-    Ok(Scope::Namespaces(allowed))
-}
-
-fn service_account_namespace(user: &str) -> Option<&str> {
-    user.strip_prefix("system:serviceaccount:")?
-        .split_once(':')
-        .map(|(ns, _)| ns)
-}
-
 /// Checks one verb on one approval.
-pub async fn authorize(
+async fn authorize(
     state: &ApiState,
     caller: &Caller,
     verb: &'static str,
     namespace: &str,
     name: &str,
 ) -> Result<(), ApiError> {
-    let attributes = Attributes {
-        verb,
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-    };
-    let access = state.authz.check(caller, &attributes).await?;
-    if access.allowed {
-        return Ok(());
-    }
-    Err(ApiError::Forbidden {
-        user: caller.username.clone(),
-        verb,
-        namespace: attributes.namespace,
-        name: attributes.name,
-        reason: access.reason,
-    })
+    authz::authorize(state, caller, APPROVALS, verb, namespace, name).await
 }
 
 /// The namespace RBAC is asked about for an approval: the requesting pod's.
@@ -202,9 +102,10 @@ pub async fn list(
         return super::watch::start(state, caller, query).await;
     }
     let mut items = state.store.list(query.state).await?;
-    let scope = scope(
+    let scope = authz::scope(
         state,
         caller,
+        APPROVALS,
         "list",
         items.iter().map(|a| namespace_of(a).to_owned()),
     )
@@ -437,14 +338,5 @@ mod tests {
         }
         let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(MAX_REASON_CHARS + 1));
         assert!(parse_reason(long.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn service_account_namespaces() {
-        assert_eq!(
-            service_account_namespace("system:serviceaccount:team:rev"),
-            Some("team")
-        );
-        assert_eq!(service_account_namespace("alice"), None);
     }
 }

@@ -1,39 +1,54 @@
-//! What a caller may do: SubjectAccessReview on `approvalrequests.tollgate.dev`, so the
-//! cluster's RBAC decides who may read and who may decide on approvals.
+//! What a caller may do: SubjectAccessReview on `approvalrequests.tollgate.dev` and
+//! `sessions.tollgate.dev`, so the cluster's RBAC decides who may read and who may
+//! decide on approvals, and who may read recorded sessions.
 //!
 //! Reads use `get`, `list` and `watch`; decisions use the custom verbs `approve` and
 //! `deny` (RBAC rules may name any verb), so "may see the queue" and "may approve" are
-//! separate grants. The namespace is the requesting pod's, so a Role in a team's
-//! namespace makes its members reviewers of that team's agents.
+//! separate grants. The namespace is the requesting pod's (for a session, the recorded
+//! pod's), so a Role in a team's namespace makes its members reviewers of that team's
+//! agents.
+//!
+//! [`scope`] answers "which namespaces may this caller see" for lists (cluster-wide, or
+//! namespace by namespace), [`authorize`] one verb on one object.
 //!
 //! Answers are cached briefly and boundedly: a reviewer paging through the queue costs
 //! one review per namespace every few seconds, and a revoked grant stops working within
 //! that bound.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
+use super::{ApiError, ApiState, Refusal};
 
 /// The API group every review is about.
 pub const GROUP: &str = "tollgate.dev";
-/// The resource every review is about (the `ApprovalRequest` custom resource's plural).
-pub const RESOURCE: &str = "approvalrequests";
+/// Approvals: the `ApprovalRequest` custom resource's plural.
+pub const APPROVALS: &str = "approvalrequests";
+/// Recorded sessions. No such object exists in the API server: the name is only there
+/// for RBAC rules to grant (`deploy/reviewer-rbac.yaml`).
+pub const SESSIONS: &str = "sessions";
 
-/// What is asked: `verb` on the approvals in `namespace` (empty: every namespace),
+/// SubjectAccessReviews sent at once when a list falls back to per-namespace checks.
+const PARALLEL_REVIEWS: usize = 8;
+
+/// What is asked: `verb` on the `resource` in `namespace` (empty: every namespace),
 /// `name` (empty: any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attributes {
+    /// [`APPROVALS`] or [`SESSIONS`].
+    pub resource: &'static str,
     /// `get`, `list`, `watch`, `approve` or `deny`.
     pub verb: &'static str,
-    /// The requesting pod's namespace; empty for cluster scope.
+    /// The requesting (recorded) pod's namespace; empty for cluster scope.
     pub namespace: String,
-    /// The approval id; empty for any.
+    /// The approval or session id; empty for any.
     pub name: String,
 }
 
@@ -176,6 +191,7 @@ fn cache_key(caller: &Caller, attributes: &Attributes) -> [u8; 32] {
             field(v);
         }
     }
+    field(attributes.resource);
     field(attributes.verb);
     field(&attributes.namespace);
     field(&attributes.name);
@@ -207,7 +223,7 @@ impl AccessReviewer for KubeAccessReviewer {
                     extra: (!caller.extra.is_empty()).then(|| caller.extra.clone()),
                     resource_attributes: Some(ResourceAttributes {
                         group: Some(GROUP.to_owned()),
-                        resource: Some(RESOURCE.to_owned()),
+                        resource: Some(attributes.resource.to_owned()),
                         verb: Some(attributes.verb.to_owned()),
                         namespace: non_empty(&attributes.namespace),
                         name: non_empty(&attributes.name),
@@ -232,6 +248,124 @@ impl AccessReviewer for KubeAccessReviewer {
             })
         })
     }
+}
+
+/// Which objects a caller may see with a verb: all, or those of some namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Allowed at cluster scope.
+    AllNamespaces,
+    /// Allowed in these namespaces only (never empty).
+    Namespaces(BTreeSet<String>),
+}
+
+impl Scope {
+    /// Whether an object of `namespace` is in scope. An object without a namespace is
+    /// only in the cluster-wide scope.
+    pub fn includes(&self, namespace: &str) -> bool {
+        match self {
+            Scope::AllNamespaces => true,
+            Scope::Namespaces(set) => set.contains(namespace),
+        }
+    }
+}
+
+/// The scope of `verb` on `resource` for `caller`: every namespace if RBAC allows it
+/// cluster-wide, else the namespaces among `candidates` (plus a service account's own
+/// namespace, where a namespace-scoped reviewer's Role usually is) where it is allowed.
+/// None at all is a 403.
+pub async fn scope(
+    state: &ApiState,
+    caller: &Caller,
+    resource: &'static str,
+    verb: &'static str,
+    candidates: impl IntoIterator<Item = String>,
+) -> Result<Scope, ApiError> {
+    let cluster = Attributes {
+        resource,
+        verb,
+        namespace: String::new(),
+        name: String::new(),
+    };
+    let access = state.authz.check(caller, &cluster).await?;
+    if access.allowed {
+        return Ok(Scope::AllNamespaces);
+    }
+    let mut namespaces: BTreeSet<String> =
+        candidates.into_iter().filter(|n| !n.is_empty()).collect();
+    if let Some(ns) = service_account_namespace(&caller.username) {
+        namespaces.insert(ns.to_owned());
+    }
+    let checks = futures_util::stream::iter(namespaces.into_iter().map(|namespace| async move {
+        let attributes = Attributes {
+            resource,
+            verb,
+            namespace,
+            name: String::new(),
+        };
+        let allowed = state
+            .authz
+            .check(caller, &attributes)
+            .await
+            .map(|a| a.allowed);
+        (attributes.namespace, allowed)
+    }))
+    .buffer_unordered(PARALLEL_REVIEWS)
+    .collect::<Vec<_>>()
+    .await;
+    let mut allowed = BTreeSet::new();
+    for (namespace, answer) in checks {
+        if answer? {
+            allowed.insert(namespace);
+        }
+    }
+    if allowed.is_empty() {
+        return Err(ApiError::Forbidden(Box::new(Refusal {
+            user: caller.username.clone(),
+            resource,
+            verb,
+            namespace: String::new(),
+            name: String::new(),
+            reason: access.reason,
+        })));
+    }
+    Ok(Scope::Namespaces(allowed))
+}
+
+/// The namespace of a service account user name (`system:serviceaccount:<ns>:<name>`).
+pub fn service_account_namespace(user: &str) -> Option<&str> {
+    user.strip_prefix("system:serviceaccount:")?
+        .split_once(':')
+        .map(|(ns, _)| ns)
+}
+
+/// Checks `verb` on one object of `resource`: 403 unless RBAC allows it.
+pub async fn authorize(
+    state: &ApiState,
+    caller: &Caller,
+    resource: &'static str,
+    verb: &'static str,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let attributes = Attributes {
+        resource,
+        verb,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let access = state.authz.check(caller, &attributes).await?;
+    if access.allowed {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(Box::new(Refusal {
+        user: caller.username.clone(),
+        resource,
+        verb,
+        namespace: attributes.namespace,
+        name: attributes.name,
+        reason: access.reason,
+    })))
 }
 
 #[cfg(test)]
@@ -269,6 +403,7 @@ mod tests {
 
     fn attrs(verb: &'static str, ns: &str) -> Attributes {
         Attributes {
+            resource: APPROVALS,
             verb,
             namespace: ns.into(),
             name: String::new(),
@@ -310,6 +445,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn resources_are_separate_questions() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let authz = Authorizer::new(Box::new(Counting(calls.clone())), CacheConfig::default());
+        let alice = caller("alice", &[]);
+        let sessions = Attributes {
+            resource: SESSIONS,
+            ..attrs("get", "team")
+        };
+        authz.check(&alice, &attrs("get", "team")).await.unwrap();
+        authz.check(&alice, &sessions).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one answer must not serve both"
+        );
+        assert_ne!(
+            cache_key(&alice, &attrs("get", "team")),
+            cache_key(&alice, &sessions)
+        );
+    }
+
+    #[test]
+    fn service_account_namespaces() {
+        assert_eq!(
+            service_account_namespace("system:serviceaccount:team:rev"),
+            Some("team")
+        );
+        assert_eq!(service_account_namespace("alice"), None);
+        assert_eq!(
+            service_account_namespace("system:serviceaccount:team"),
+            None
+        );
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //!
 //! One request reads top to bottom in `dispatch`: route (a strict table, [`routes`]) →
 //! authenticate (OIDC or TokenReview, [`auth`]) → the endpoint, which authorizes with
-//! SubjectAccessReview ([`authz`]) once it knows the approval's namespace. Every error a
-//! client sees is a `metav1.Status`, built from [`ApiError`] in one place.
+//! SubjectAccessReview ([`authz`]) once it knows the namespace of the approval's
+//! requester or of the session's pod. Every error a client sees is a `metav1.Status`,
+//! built from [`ApiError`] in one place.
 //!
 //! - `GET  /api/v1/approvals[?state=pending][&watch=true]`
 //! - `GET  /api/v1/approvals/{id}`
 //! - `POST /api/v1/approvals/{id}/approve`, `/deny` with `{"reason": "..."}`
+//! - `GET  /api/v1/sessions[?namespace=][&pod=]` (recorded sessions, DESIGN §7)
+//! - `GET  /api/v1/sessions/{id}` (header, summary, the hash chain's verdict)
+//! - `GET  /api/v1/sessions/{id}/records` (a JSON array, or NDJSON; streamed)
 //! - `GET  /api/v1/openapi.json` (no authentication; describes all of the above)
 //!
 //! [`client`] is the `gateway-agent approvals` CLI that talks to it.
@@ -20,6 +24,7 @@ pub mod client;
 pub mod oidc;
 pub mod openapi;
 pub mod routes;
+mod sessions;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -32,7 +37,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -45,6 +50,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::approvals::model::DecisionError;
 use crate::approvals::{Store, StoreError, Verdict};
 use crate::identity::{CacheConfig, Identity, KubeTokenReviewer};
+use crate::recording::{RecordingError, Sessions};
 use crate::status::{Status, Subject};
 use auth::{AuthError, Authenticator};
 use authz::{Authorizer, AuthzError};
@@ -191,6 +197,12 @@ pub struct Limits {
     pub max_watch: Duration,
     /// Connections served at once; more wait in the listen queue.
     pub max_connections: usize,
+    /// Session record streams served at once (each holds a blocking reader thread);
+    /// more get 429 with Retry-After.
+    pub max_record_streams: usize,
+    /// How long a streamed answer waits for a client that does not read before it
+    /// gives up on it.
+    pub stream_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -200,11 +212,14 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             max_watch: Duration::from_secs(30 * 60),
             max_connections: 512,
+            max_record_streams: 16,
+            stream_stall_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// What the handlers share: the approval store, authentication, authorization.
+/// What the handlers share: the approval store, the recorded sessions, authentication,
+/// authorization.
 pub struct ApiState {
     /// Where approvals are read and decided.
     pub store: Store,
@@ -214,19 +229,25 @@ pub struct ApiState {
     pub authz: Authorizer,
     /// Per-request bounds.
     pub limits: Limits,
+    /// The recorded sessions; `None` when this agent does not record.
+    sessions: Option<Sessions>,
     /// Watches streaming now (for tests and metrics).
     watches: AtomicUsize,
+    /// Session record streams being read now.
+    record_streams: AtomicUsize,
 }
 
 impl ApiState {
-    /// The state with [`Limits::default`].
+    /// The state with [`Limits::default`] and no recorded sessions.
     pub fn new(store: Store, authn: Authenticator, authz: Authorizer) -> ApiState {
         ApiState {
             store,
             authn,
             authz,
             limits: Limits::default(),
+            sessions: None,
             watches: AtomicUsize::new(0),
+            record_streams: AtomicUsize::new(0),
         }
     }
 
@@ -258,9 +279,22 @@ impl ApiState {
         self
     }
 
+    /// The same state serving the sessions recorded under `dir` (the recorder's
+    /// directory) at `/api/v1/sessions`. Without it those routes answer 404 "session
+    /// recording is not enabled on this agent".
+    pub fn with_sessions(mut self, dir: PathBuf) -> ApiState {
+        self.sessions = Some(Sessions::open(dir));
+        self
+    }
+
     /// How many watch streams are open.
     pub fn active_watches(&self) -> usize {
         self.watches.load(Ordering::SeqCst)
+    }
+
+    /// How many session record streams are being read.
+    pub fn active_record_streams(&self) -> usize {
+        self.record_streams.load(Ordering::SeqCst)
     }
 }
 
@@ -278,22 +312,30 @@ pub enum ApiError {
     #[error("{0}")]
     Authz(#[from] AuthzError),
     /// SubjectAccessReview said no (403).
-    #[error("{user} may not {verb} approvals")]
-    Forbidden {
-        /// The caller.
-        user: String,
-        /// The RBAC verb asked about.
-        verb: &'static str,
-        /// The namespace asked about; empty for cluster scope.
-        namespace: String,
-        /// The approval id asked about; empty for any.
-        name: String,
-        /// RBAC's explanation, when it gave one.
-        reason: String,
-    },
+    #[error("{} may not {} {}", .0.user, .0.verb, .0.resource)]
+    Forbidden(Box<Refusal>),
     /// No approval with this id (404).
     #[error("approval {0} not found")]
     NotFound(String),
+    /// No session with this id (404).
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    /// The agent was started without a sessions directory (404).
+    #[error("session recording is not enabled on this agent")]
+    RecordingDisabled,
+    /// Reading recorded sessions failed (500); the cause names files, so it stays in
+    /// the log.
+    #[error("{0}")]
+    Recording(RecordingError),
+    /// Too many session record streams at once (429); the limit.
+    #[error("more than {0} session record streams at once")]
+    TooManyStreams(usize),
+    /// No representation the client accepts (406); its `Accept`.
+    #[error("cannot answer in any of {0:?}")]
+    NotAcceptable(String),
+    /// A fault of ours not covered above, such as a reader task that died (500).
+    #[error("{0}")]
+    Internal(String),
     /// A malformed query or body (400).
     #[error("{0}")]
     BadRequest(String),
@@ -314,6 +356,35 @@ pub enum ApiError {
     Config(String),
 }
 
+/// What RBAC refused, and to whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The caller.
+    pub user: String,
+    /// The resource asked about ([`authz::APPROVALS`] or [`authz::SESSIONS`]).
+    pub resource: &'static str,
+    /// The RBAC verb asked about.
+    pub verb: &'static str,
+    /// The namespace asked about; empty for cluster scope.
+    pub namespace: String,
+    /// The approval or session id asked about; empty for any.
+    pub name: String,
+    /// RBAC's explanation, when it gave one.
+    pub reason: String,
+}
+
+impl From<RecordingError> for ApiError {
+    fn from(err: RecordingError) -> Self {
+        match err {
+            // The router only lets valid ids through; an invalid one is simply absent.
+            RecordingError::NotFound(id) | RecordingError::InvalidId(id) => {
+                ApiError::SessionNotFound(id)
+            }
+            other => ApiError::Recording(other),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
@@ -332,7 +403,7 @@ impl ApiError {
         fn approval(name: &str) -> Subject<'_> {
             Subject {
                 group: authz::GROUP,
-                resource: authz::RESOURCE,
+                resource: authz::APPROVALS,
                 name,
             }
         }
@@ -347,17 +418,18 @@ impl ApiError {
                 Status::service_unavailable(self.to_string())
             }
             ApiError::Auth(_) => Status::unauthorized(format!("Unauthorized: {self}")),
-            ApiError::Forbidden {
-                user,
-                verb,
-                namespace,
-                name,
-                reason,
-            } => {
+            ApiError::Forbidden(refusal) => {
+                let Refusal {
+                    user,
+                    resource,
+                    verb,
+                    namespace,
+                    name,
+                    reason,
+                } = refusal.as_ref();
                 // Worded as the API server words RBAC refusals.
                 let mut why = format!(
-                    "User {user:?} cannot {verb} resource {:?} in API group {:?}",
-                    authz::RESOURCE,
+                    "User {user:?} cannot {verb} resource {resource:?} in API group {:?}",
                     authz::GROUP
                 );
                 if namespace.is_empty() {
@@ -368,19 +440,48 @@ impl ApiError {
                 if !reason.is_empty() {
                     why.push_str(&format!(": {reason}"));
                 }
-                Status::forbidden(&approval(name), &why)
+                let subject = Subject {
+                    group: authz::GROUP,
+                    resource,
+                    name,
+                };
+                Status::forbidden(&subject, &why)
             }
             ApiError::NotFound(id) => Status::failure(
                 404,
                 "NotFound",
-                format!("{}.{} {id:?} not found", authz::RESOURCE, authz::GROUP),
+                format!("{}.{} {id:?} not found", authz::APPROVALS, authz::GROUP),
             )
             .with_details(crate::status::StatusDetails {
                 name: id.clone(),
                 group: authz::GROUP.to_owned(),
-                kind: authz::RESOURCE.to_owned(),
+                kind: authz::APPROVALS.to_owned(),
                 ..Default::default()
             }),
+            ApiError::SessionNotFound(id) => Status::failure(
+                404,
+                "NotFound",
+                format!("{}.{} {id:?} not found", authz::SESSIONS, authz::GROUP),
+            )
+            .with_details(crate::status::StatusDetails {
+                name: id.clone(),
+                group: authz::GROUP.to_owned(),
+                kind: authz::SESSIONS.to_owned(),
+                ..Default::default()
+            }),
+            ApiError::RecordingDisabled => Status::failure(404, "NotFound", self.to_string()),
+            // Paths on the node stay in the log.
+            ApiError::Recording(_) | ApiError::Internal(_) => Status::internal_error(format!(
+                "reading recorded sessions failed; see the agent's log for request {request_id}"
+            )),
+            ApiError::TooManyStreams(_) => {
+                Status::too_many_requests(format!("{self}; retry shortly"), RETRY_STREAM_SECONDS)
+            }
+            ApiError::NotAcceptable(_) => Status::failure(
+                406,
+                "NotAcceptable",
+                format!("{self}; available: application/json, application/x-ndjson"),
+            ),
             ApiError::BadRequest(_) => Status::bad_request(self.to_string()),
             ApiError::TooLarge(limit) => Status::request_entity_too_large(*limit),
             ApiError::UnsupportedMediaType(_) => {
@@ -427,17 +528,35 @@ impl ApiError {
                     HeaderValue::from_static("Bearer realm=\"tollgate\""),
                 );
             }
+            ApiError::TooManyStreams(_) => {
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(RETRY_STREAM_SECONDS));
+            }
             _ => {}
         }
         response
     }
 }
 
-/// The response body: whole JSON documents or a stream of watch events.
-pub type Body = BoxBody<Bytes, Infallible>;
+/// The Retry-After of a 429 for too many record streams.
+const RETRY_STREAM_SECONDS: u32 = 1;
+
+/// The response body: whole JSON documents, or a stream (watch events, session
+/// records).
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// Why a streamed answer was cut short after its status was sent. Hyper then ends the
+/// response without its proper end (no last chunk on HTTP/1.1, a reset stream on
+/// HTTP/2), so the client sees an error and never takes a partial answer for a whole
+/// one.
+#[derive(Debug, thiserror::Error)]
+#[error("the answer was cut short: {0}")]
+pub struct BodyError(pub String);
 
 fn json_response(code: StatusCode, json: Vec<u8>) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(json)).boxed());
+    let body = Full::new(Bytes::from(json)).map_err(|never: Infallible| match never {});
+    let mut response = Response::new(body.boxed());
     *response.status_mut() = code;
     response
         .headers_mut()
@@ -580,6 +699,18 @@ where
             approvals::decide(state, &caller, &id, Verdict::Approve, request).await
         }
         Endpoint::Deny => approvals::decide(state, &caller, &id, Verdict::Deny, request).await,
+        Endpoint::ListSessions => sessions::list(state, &caller, request.uri().query()).await,
+        Endpoint::GetSession => sessions::get(state, &caller, &id, request.uri().query()).await,
+        Endpoint::SessionRecords => {
+            sessions::records(
+                state,
+                &caller,
+                &id,
+                request.uri().query(),
+                request.headers(),
+            )
+            .await
+        }
     }
 }
 

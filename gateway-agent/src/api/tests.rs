@@ -13,7 +13,9 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
 use super::auth::{Authenticator, Caller, ReviewTokens};
-use super::authz::{Access, AccessReviewer, Attributes, Authorizer, AuthzError, CacheConfig};
+use super::authz::{
+    Access, AccessReviewer, Attributes, Authorizer, AuthzError, CacheConfig, APPROVALS,
+};
 use super::oidc::tests::{claims, temp_file, TestKey, ISSUER};
 use super::oidc::{KeySource, OidcVerifier};
 use super::{handle, ApiState, Limits};
@@ -21,6 +23,8 @@ use crate::approvals::model::*;
 use crate::approvals::store::embedded::EmbeddedStore;
 use crate::approvals::Store;
 use crate::identity::{IdentityError, Review, UserInfo};
+
+mod sessions;
 
 const REQUESTER: &str = "system:serviceaccount:agents:coder";
 
@@ -41,9 +45,10 @@ impl ReviewTokens for Tokens {
     }
 }
 
-/// RBAC in miniature: (user, verb, namespace) grants; namespace "" is cluster-wide and
-/// covers every namespace, as a ClusterRoleBinding does.
-struct Rbac(Vec<(&'static str, &'static str, &'static str)>);
+/// RBAC in miniature: (user, resource, verb, namespace) grants; `*` is any resource or
+/// verb; namespace "" is cluster-wide and covers every namespace, as a
+/// ClusterRoleBinding does.
+struct Rbac(Vec<(&'static str, &'static str, &'static str, &'static str)>);
 
 impl AccessReviewer for Rbac {
     fn review<'a>(
@@ -51,8 +56,9 @@ impl AccessReviewer for Rbac {
         caller: &'a Caller,
         a: &'a Attributes,
     ) -> Pin<Box<dyn Future<Output = Result<Access, AuthzError>> + Send + 'a>> {
-        let allowed = self.0.iter().any(|(user, verb, ns)| {
+        let allowed = self.0.iter().any(|(user, resource, verb, ns)| {
             *user == caller.username
+                && (*resource == a.resource || *resource == "*")
                 && (*verb == a.verb || *verb == "*")
                 && (ns.is_empty() || *ns == a.namespace)
         });
@@ -91,15 +97,15 @@ async fn fixture() -> Fixture {
         ("coder", user(REQUESTER, &["reviewers"])),
     ]));
     let rbac = Rbac(vec![
-        ("admin", "*", ""),
-        ("lead", "get", "agents"),
-        ("lead", "list", "agents"),
-        ("lead", "watch", "agents"),
-        ("lead", "approve", "agents"),
-        ("lead", "deny", "agents"),
-        ("outsider", "*", ""),
-        (REQUESTER, "*", ""),
-        ("https://issuer.test#alice", "*", ""),
+        ("admin", "*", "*", ""),
+        ("lead", APPROVALS, "get", "agents"),
+        ("lead", APPROVALS, "list", "agents"),
+        ("lead", APPROVALS, "watch", "agents"),
+        ("lead", APPROVALS, "approve", "agents"),
+        ("lead", APPROVALS, "deny", "agents"),
+        ("outsider", APPROVALS, "*", ""),
+        (REQUESTER, APPROVALS, "*", ""),
+        ("https://issuer.test#alice", APPROVALS, "*", ""),
     ]);
     let key = TestKey::generate("k1");
     let jwks = temp_file("jwks.json", &super::oidc::tests::jwks(&[&key]));

@@ -14,7 +14,6 @@
 //! the events of that namespace within the cache's lifetime.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,10 +28,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, warn, Instrument};
 
-use super::approvals::{namespace_of, scope, ListQuery};
+use super::approvals::{namespace_of, ListQuery};
 use super::auth::Caller;
-use super::authz::Attributes;
-use super::{ApiError, ApiState, Body};
+use super::authz::{scope, Attributes, APPROVALS};
+use super::{ApiError, ApiState, Body, BodyError};
 use crate::approvals::model::{ApprovalRequest, State};
 
 /// Events buffered for a client before the watcher waits for it.
@@ -51,6 +50,7 @@ pub async fn start(
     let scope = scope(
         state,
         caller,
+        APPROVALS,
         "watch",
         initial.iter().map(|a| namespace_of(a).to_owned()),
     )
@@ -94,12 +94,12 @@ struct Events(mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for Events {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.0
             .poll_recv(cx)
             .map(|line| line.map(|l| Ok(Frame::data(l))))
@@ -242,6 +242,7 @@ impl Watcher {
     async fn may_see(&self, namespace: &str) -> Result<bool, End> {
         for namespace in ["", namespace] {
             let attributes = Attributes {
+                resource: APPROVALS,
                 verb: "watch",
                 namespace: namespace.to_owned(),
                 name: String::new(),
