@@ -133,7 +133,14 @@ pub async fn list(
     if let Some(namespace) = &query.namespace {
         authz::authorize(state, caller, SESSIONS, "list", namespace, "").await?;
     }
-    let mut items = blocking(move || sessions.list()).await?;
+    let mut items = blocking(move || {
+        // Nothing recorded yet (the recorder makes the directory): an empty list.
+        if !sessions.dir().is_dir() {
+            return Ok(Vec::new());
+        }
+        sessions.list()
+    })
+    .await?;
     items.retain(|s| query.matches(s));
     if query.namespace.is_none() {
         let scope = authz::scope(
@@ -265,6 +272,9 @@ async fn find(state: &ApiState, caller: &Caller, id: &str) -> Result<Sessions, A
 /// The recorded pod's namespace, from the session's header line; empty when the header
 /// cannot be read.
 fn pod_namespace(sessions: &Sessions, id: &str) -> Result<String, RecordingError> {
+    if !sessions.dir().is_dir() {
+        return Err(RecordingError::NotFound(id.to_owned()));
+    }
     let path = sessions.find(id)?;
     let io = |error| RecordingError::Io {
         path: path.clone(),
@@ -365,7 +375,10 @@ impl RecordsFormat {
         };
         let (json, json_named) = quality(Self::JSON);
         let (ndjson, ndjson_named) = quality(Self::NDJSON);
-        if ndjson > 0.0 && ndjson_named && (ndjson > json || !json_named) && ndjson >= json {
+        // NDJSON only when asked for by name, and not ranked below JSON (on a tie, JSON
+        // named as well wins: it is the default).
+        let prefer_ndjson = ndjson > json || (ndjson == json && !json_named);
+        if ndjson_named && ndjson > 0.0 && prefer_ndjson {
             return Ok(RecordsFormat::Ndjson);
         }
         if json > 0.0 {

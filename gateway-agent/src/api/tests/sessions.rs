@@ -225,6 +225,19 @@ async fn without_a_sessions_directory_the_routes_say_so() {
 }
 
 #[tokio::test]
+async fn before_anything_is_recorded_there_is_nothing() {
+    // The directory does not exist until the recorder makes it.
+    let f = fixture(Limits::default());
+    let a = get(&f.state, "/api/v1/sessions", "admin").await;
+    assert_eq!(a.code, StatusCode::OK, "{}", a.json);
+    assert_eq!(ids(&a), Vec::<String>::new());
+    let a = get(&f.state, "/api/v1/sessions/s-1", "admin").await;
+    assert_status(&a, 404, "NotFound");
+    let a = get(&f.state, "/api/v1/sessions/s-1", "lead").await;
+    assert_status(&a, 403, "Forbidden");
+}
+
+#[tokio::test]
 async fn lists_are_newest_first_filtered_and_limited_by_rbac() {
     let f = fixture(Limits::default());
     usual(&f).await;
