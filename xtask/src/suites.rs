@@ -81,8 +81,15 @@ pub const SUITES: &[Suite] = &[
     },
     Suite {
         name: "recording",
-        about: "sessions recorded as kubectl made them: request by request, exec replay, tamper evidence, kill -9 (root)",
-        cargo_args: &["--package", "tollgate-tests", "--test", "recording"],
+        about: "sessions recorded as kubectl made them: request by request, exec replay, tamper evidence, kill -9; the sessions REST API (root)",
+        cargo_args: &[
+            "--package",
+            "tollgate-tests",
+            "--test",
+            "recording",
+            "--test",
+            "sessions_api",
+        ],
         harness_args: &["--test-threads=1"],
     },
 ];
