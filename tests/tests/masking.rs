@@ -593,3 +593,60 @@ async fn a_refusing_policy_answers_forbidden_and_curl_gets_masked_json() {
     assert_masked(&ws, &[GZIPPED.0, GZIPPED.1], None, "websocket watch");
     drop(ns);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_masked_value_written_back_is_refused_and_the_real_value_kept() {
+    let _agent = agent(ALLOW_ALL);
+    let ns = namespace("mask-writeback").await;
+    let n = ns.name.as_str();
+    ns.grant(
+        "agent",
+        "writer",
+        vec![rule(&[""], &["secrets"], &["update", "patch", "create"])],
+    )
+    .await
+    .expect("role");
+    admin(&[
+        "create",
+        "secret",
+        "generic",
+        "db",
+        "-n",
+        n,
+        &format!("--from-literal=password={}", PASSWORD.0),
+    ]);
+    let pod = sleeper(&ns, "enforced", true).await;
+
+    // Read-modify-write of what the agent saw: replace (PUT) and apply (PATCH).
+    for (how, script) in [
+        ("replace", "kubectl get secret db -o json | kubectl replace -f -"),
+        (
+            "apply",
+            "kubectl get secret db -o json | sed 's/\"type\"/\"immutable\":false,\"type\"/' | kubectl apply -f -",
+        ),
+        (
+            "create",
+            "kubectl get secret db -o json | sed 's/\"name\": \"db\"/\"name\": \"copy\"/' | kubectl create -f -",
+        ),
+    ] {
+        let out = sh_in(&pod, script);
+        assert!(!out.status.success(), "{how} must be refused: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("carries a value Tollgate masked"),
+            "{how}: {}",
+            stderr(&out)
+        );
+    }
+    let real = admin(&[
+        "get",
+        "secret",
+        "db",
+        "-n",
+        n,
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(real, PASSWORD.1, "the real value is untouched");
+    let copies = Cluster::shared().kubectl_ok(&["get", "secret", "copy", "-n", n]);
+    assert!(copies.is_err(), "no copy carrying the marker was created");
+}

@@ -470,6 +470,10 @@ async fn held_call<R: TokenReviewer>(
     if let Some(tap) = &tap {
         tap.push(&body);
     }
+    if is_write(call.info) && masking::carries_marker(&body) {
+        warn!("a write carrying a masked value was refused");
+        return Err(masking::marker_refusal(call.info));
+    }
     let held = HeldCall {
         parts: &parts,
         body,
@@ -588,6 +592,18 @@ async fn forward<R: TokenReviewer>(
         }
         err
     });
+    // A write carrying a masked value is cut off before the API server has it whole.
+    let carries_marker = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body: ProxyBody = if is_write(info) {
+        MarkerGuard {
+            inner: body.boxed(),
+            scan: masking::MarkerScan::default(),
+            found: carries_marker.clone(),
+        }
+        .boxed()
+    } else {
+        body.boxed()
+    };
     // Recording keeps a copy of what went upstream (up to the record's body cap).
     let body: ProxyBody = match tap {
         Some(tap) => body
@@ -607,6 +623,10 @@ async fn forward<R: TokenReviewer>(
         .send(connection.original_dst, upstream_request, upgrade)
         .await
         .map_err(|err| match err {
+            _ if carries_marker.load(std::sync::atomic::Ordering::Relaxed) => {
+                warn!("a write carrying a masked value was refused");
+                masking::marker_refusal(info)
+            }
             _ if too_large.load(std::sync::atomic::Ordering::Relaxed) => {
                 Status::request_entity_too_large(limit)
             }
@@ -692,6 +712,51 @@ fn splice_upgrade(
     );
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, empty())
+}
+
+/// The verbs whose body becomes stored state.
+fn is_write(info: &RequestInfo) -> bool {
+    matches!(info.verb.as_str(), "create" | "update" | "patch")
+}
+
+/// A request body that fails (so the upstream request is abandoned, never completed)
+/// as soon as it shows Tollgate's mask marker.
+struct MarkerGuard {
+    inner: ProxyBody,
+    scan: masking::MarkerScan,
+    found: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for MarkerGuard {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let data = data.clone();
+                if self.scan.push(&data) {
+                    self.found.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return std::task::Poll::Ready(Some(Err(
+                        "the request carries a masked value".into()
+                    )));
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

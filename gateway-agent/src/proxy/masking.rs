@@ -1175,3 +1175,80 @@ mod tests {
             .contains(r#"tollgate_masked_fields_total{kind="Secret",cause="secret_data"} 20000"#));
     }
 }
+
+/// Whether a write carries a value Tollgate masked: an agent that read a masked Secret
+/// (or env value) and writes it back would replace the real value with the marker.
+/// Such a write is refused, never forwarded. Bytes are searched as they are, so JSON
+/// (`stringData`, the base64 of `data`) and protobuf (raw bytes) are both caught.
+pub fn carries_marker(body: &[u8]) -> bool {
+    [
+        crate::masking::MASK_MARKER.as_bytes(),
+        crate::masking::MASK_MARKER_BASE64.as_bytes(),
+    ]
+    .iter()
+    .any(|marker| body.windows(marker.len()).any(|w| w == *marker))
+}
+
+/// The same search over a body that streams: each chunk is searched together with the
+/// end of the one before, so a marker split between two frames is found too.
+#[derive(Default)]
+pub struct MarkerScan {
+    tail: Vec<u8>,
+    found: bool,
+}
+
+impl MarkerScan {
+    /// Looks at the next chunk; true once a marker has been seen.
+    pub fn push(&mut self, chunk: &[u8]) -> bool {
+        if self.found {
+            return true;
+        }
+        let longest = crate::masking::MASK_MARKER
+            .len()
+            .max(crate::masking::MASK_MARKER_BASE64.len());
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(chunk);
+        self.found = carries_marker(&window);
+        let keep = window.len().min(longest - 1);
+        self.tail = window[window.len() - keep..].to_vec();
+        self.found
+    }
+}
+
+/// The Status for such a write.
+pub fn marker_refusal(info: &RequestInfo) -> Status {
+    Status::failure(
+        422,
+        "Invalid",
+        format!(
+            "Tollgate: this {} carries a value Tollgate masked ({:?}); writing it would replace the real value. Write the real value, or leave the field out",
+            info.verb,
+            crate::masking::MASK_MARKER
+        ),
+    )
+}
+
+#[cfg(test)]
+mod marker_tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_split_across_chunks_is_found() {
+        let body = format!(
+            r#"{{"stringData":{{"password":"{}"}}}}"#,
+            crate::masking::MASK_MARKER
+        );
+        for cut in 1..body.len() {
+            let mut scan = MarkerScan::default();
+            let first = scan.push(&body.as_bytes()[..cut]);
+            let second = scan.push(&body.as_bytes()[cut..]);
+            assert!(first || second, "cut at {cut}");
+        }
+        let mut scan = MarkerScan::default();
+        assert!(!scan.push(br#"{"data":{"password":"aHVudGVyMg=="}}"#));
+        assert!(carries_marker(
+            crate::masking::MASK_MARKER_BASE64.as_bytes()
+        ));
+        assert!(!carries_marker(b"*** masked by someone else ***"));
+    }
+}
