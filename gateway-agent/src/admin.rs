@@ -20,6 +20,8 @@ use crate::readiness::Ready;
 pub struct Admin {
     pub ready: Ready,
     pub metrics: Metrics,
+    /// Set once recording starts; its counters are copied into the metrics at scrape.
+    pub recorder: std::sync::OnceLock<crate::recording::Recorder>,
 }
 
 /// Serves the admin endpoints until the listener fails or the task is dropped.
@@ -67,6 +69,9 @@ fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" => {
+            if let Some(recorder) = admin.recorder.get() {
+                admin.metrics.recording.set(&recorder.stats());
+            }
             let mut response = text(StatusCode::OK, admin.metrics.encode());
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,

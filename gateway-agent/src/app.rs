@@ -123,13 +123,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             addr: config.admin_address,
             source,
         })?;
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        Arc::new(Admin {
-            ready: ready.clone(),
-            metrics: metrics.clone(),
-        }),
-    ));
+    let admin = Arc::new(Admin {
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+        recorder: std::sync::OnceLock::new(),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone()));
 
     // Kernel data path: adopt pins or install; redirect starts at once.
     let mut datapath_config = DatapathConfig::new(&config.cgroup_root, &config.bpffs);
@@ -219,6 +218,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 Duration::from_secs(600),
             ));
             info!(dir = %dir.display(), "recording sessions");
+            let _ = admin.recorder.set(recorder.clone());
             Some(recorder)
         }
         None => {

@@ -18,6 +18,10 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "gateway-agent", version, about = "Tollgate node agent")]
 struct Cli {
+    /// Log lines as `text` (for people) or `json` (one object per line, with the
+    /// request id and session of every proxied request, for log collectors).
+    #[arg(long, global = true, env = "TOLLGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -153,18 +157,30 @@ struct InstallArgs {
 
 /// Parses the command line and runs the command; the process exit code.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal; logs collected from a file or a
-        // container runtime stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     // Installed as `kubectl-tollgate`, `kubectl tollgate approvals ...` arrives here.
     let args = crate::api::client::plugin_args(std::env::args_os().collect());
-    match run(Cli::parse_from(args)) {
+    let cli = Cli::parse_from(args);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_format == "json" {
+        // Spans (request id, session, pod, user, verb, rule) go with every event.
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            // Colour only for a person at a terminal; logs collected from a file or a
+            // container runtime stay plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("gateway-agent: {e:#}");

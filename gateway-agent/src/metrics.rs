@@ -59,6 +59,8 @@ pub struct Metrics {
     pub approvals_held: Gauge,
     pub masked_fields: Family<MaskedLabels, Counter>,
     pub masking_refusals: Family<MaskRefusalLabels, Counter>,
+    /// Session recording, copied from the recorder's counters at each scrape.
+    pub recording: RecordingGauges,
     registry: Arc<Registry>,
 }
 
@@ -119,7 +121,48 @@ impl Metrics {
             "Answers to enforced pods refused or cut because they could not be masked, by reason",
             masking_refusals.clone(),
         );
+        let recording = RecordingGauges::default();
+        for (name, help, gauge) in [
+            (
+                "recording_sessions_open",
+                "Recorded sessions open now",
+                &recording.sessions_open,
+            ),
+            (
+                "recording_sessions_opened",
+                "Recorded sessions opened since start",
+                &recording.sessions_opened,
+            ),
+            (
+                "recording_records_written",
+                "Session records written since start",
+                &recording.records_written,
+            ),
+            (
+                "recording_bytes_written",
+                "Bytes of session records written since start",
+                &recording.bytes_written,
+            ),
+            (
+                "recording_records_dropped",
+                "Session records lost since start (queue full, disk errors, shutdown)",
+                &recording.records_dropped,
+            ),
+            (
+                "recording_write_errors",
+                "Failed writes of session records since start",
+                &recording.write_errors,
+            ),
+            (
+                "recording_queued_bytes",
+                "Session record bytes waiting for the writer",
+                &recording.queued_bytes,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
         Metrics {
+            recording,
             masked_fields,
             masking_refusals,
             requests,
@@ -140,6 +183,34 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The recorder's counters as gauges (set from its own counters at each scrape, so
+/// the values are totals since start where the name says so).
+#[derive(Clone, Default)]
+pub struct RecordingGauges {
+    pub sessions_open: Gauge,
+    pub sessions_opened: Gauge,
+    pub records_written: Gauge,
+    pub bytes_written: Gauge,
+    pub records_dropped: Gauge,
+    pub write_errors: Gauge,
+    pub queued_bytes: Gauge,
+}
+
+impl RecordingGauges {
+    pub fn set(&self, stats: &crate::recording::RecorderStats) {
+        let g = |gauge: &Gauge, value: u64| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        g(&self.sessions_open, stats.sessions_open);
+        g(&self.sessions_opened, stats.sessions_opened);
+        g(&self.records_written, stats.records_written);
+        g(&self.bytes_written, stats.bytes_written);
+        g(&self.records_dropped, stats.records_dropped);
+        g(&self.write_errors, stats.write_errors);
+        g(&self.queued_bytes, stats.queued_bytes);
     }
 }
 

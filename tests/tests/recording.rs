@@ -264,7 +264,10 @@ async fn a_session_records_what_kubectl_did_request_by_request() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exec_session_replays_at_its_pace() {
-    let agent = agent();
+    // This agent logs JSON, as a DaemonSet's log collector wants it.
+    let mut options = AgentOptions::new(AGENT, 1, ALLOW_ALL);
+    options.extra_args = vec!["--log-format".into(), "json".into()];
+    let agent = RunningAgent::start(Cluster::shared(), options).expect("agent starts");
     let (ns, pod) = scene("rec-exec").await;
     let target = ns
         .run_pod(PodOptions::new("target", 1, &["sleep", "3600"]))
@@ -315,6 +318,36 @@ async fn an_exec_session_replays_at_its_pace() {
         .sessions_cli(&["replay", &id, "--speed", "0"])
         .expect("replay");
     assert!(stdout(&fast).contains("bye-from-tg"));
+
+    // Every log line is a JSON object; a proxied request's carries its request id and
+    // session.
+    let log = agent.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "{log}");
+    let done = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "done" && l["span"]["session"] == id.as_str())
+        .unwrap_or_else(|| panic!("no request of session {id} in:\n{log}"));
+    assert!(
+        done["span"]["id"].as_str().is_some_and(|i| !i.is_empty()),
+        "{done}"
+    );
+
+    // The recorder's counters are on /metrics.
+    let written = agent
+        .metric("tollgate_recording_records_written")
+        .expect("metrics");
+    assert!(written >= 3.0, "records written: {written}");
+    assert!(
+        agent
+            .metric("tollgate_recording_bytes_written")
+            .expect("metrics")
+            > 0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

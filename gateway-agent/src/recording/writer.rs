@@ -112,6 +112,8 @@ pub struct RecorderStats {
     pub sessions_failed: u64,
     pub sessions_open: u64,
     pub records_written: u64,
+    /// Bytes of records written (headers included).
+    pub bytes_written: u64,
     pub records_dropped: u64,
     pub write_errors: u64,
     pub queued_bytes: u64,
@@ -162,6 +164,7 @@ pub(crate) struct Common {
     sessions_opened: AtomicU64,
     sessions_failed: AtomicU64,
     records_written: AtomicU64,
+    bytes_written: AtomicU64,
     records_dropped: AtomicU64,
     write_errors: AtomicU64,
     /// The writer has stopped (shutdown): records are dropped at once.
@@ -241,6 +244,7 @@ impl Recorder {
             sessions_opened: AtomicU64::new(0),
             sessions_failed: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
             records_dropped: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
@@ -346,6 +350,7 @@ impl Recorder {
             sessions_failed: c.sessions_failed.load(Relaxed),
             sessions_open: open,
             records_written: c.records_written.load(Relaxed),
+            bytes_written: c.bytes_written.load(Relaxed),
             records_dropped: c.records_dropped.load(Relaxed),
             write_errors: c.write_errors.load(Relaxed),
             queued_bytes: c.queued_bytes.load(Relaxed) as u64,
@@ -968,6 +973,7 @@ fn write_line(common: &Common, session: &mut OpenSession, line: &[u8], hash: Str
             session.bytes += line.len() as u64;
             session.state.written.fetch_add(1, Relaxed);
             common.records_written.fetch_add(1, Relaxed);
+            common.bytes_written.fetch_add(line.len() as u64, Relaxed);
             true
         }
         Err(err) => {
