@@ -6,3 +6,4 @@ pub use tollgate_harness::{cluster, require_root, topology};
 pub mod agent;
 pub mod approval_bench;
 pub mod masking_bench;
+pub mod story;

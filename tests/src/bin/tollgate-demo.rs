@@ -1,289 +1,423 @@
-//! `tollgate-demo`, run by `cargo xtask demo`: Tollgate's story told on a local topology.
+//! `tollgate-demo`, run by `cargo xtask demo`: Tollgate's whole story, unattended, on
+//! the local control plane and simulated node 1 (`tollgate_tests::story`, the steps the
+//! `e2e` suite asserts). A coding agent's `kubectl apply` is held; the reviewer reads the
+//! dry-run diff and approves with the CLI; the apply completes; the agent's read of a
+//! Secret comes back masked; its delete is refused with the rule's reason; its session
+//! is listed, shown and verified. Every step prints a headline and the real output.
 //!
-//! First chapter (issue 2): the kernel data path. A namespace topology like the kernel
-//! tests' (a control plane holding the API server's address, one node, pods with
-//! kubelet's cgroup layout), the agent's data path attached to the topology's cgroup
-//! subtree, a stand-in proxy listening on the node, and three connections told in words.
-//! Everything is removed at the end, also on failure.
+//! `--interactive`: at the approval, print the command a person runs (and a script
+//! that runs it) and wait for their decision instead of approving.
+//!
+//! Everything the demo makes is removed at the end, also on failure or Ctrl-C; the
+//! control plane stays up for the next run (`cargo xtask cluster down` stops it).
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use gateway_agent::datapath::{self, CgroupClass, Datapath, DatapathConfig};
-use tollgate_harness::topology::{
-    unique_id, CgroupDriver, Netns, PodSandbox, PodSpec, QosClass, Topology, API_SERVER_IP,
-    API_SERVER_PORT, CLUSTER_IP, CLUSTER_PORT,
-};
+use tollgate_tests::story::{self, Held, Story, StoryOptions};
 
-/// Where the (stand-in) proxy listens on the node.
-const PROXY_PORT: u16 = 15443;
+/// How long a person has to decide in `--interactive` mode.
+const HAND_REVIEW_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Evidence shown per command, at most (the rest is counted).
+const MAX_LINES: usize = 60;
+/// Evidence lines longer than this are cut (the last-applied annotation in a diff is
+/// one line of JSON).
+const MAX_WIDTH: usize = 150;
 
-/// Removes the pins, then the topology, whatever happens.
-struct Cleanup {
-    bpffs: PathBuf,
-    datapath: Option<Datapath>,
-    topology: Option<Topology>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        drop(self.datapath.take());
-        if let Err(e) = datapath::uninstall(&self.bpffs) {
-            eprintln!("demo: removing pins under {}: {e}", self.bpffs.display());
+fn main() -> ExitCode {
+    let interactive = match parse_args() {
+        Ok(interactive) => interactive,
+        Err(err) => {
+            eprintln!("tollgate-demo: {err:#}");
+            return ExitCode::from(2);
         }
-        drop(self.topology.take());
+    };
+    match run(interactive) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\ntollgate-demo failed: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn main() -> Result<()> {
+fn parse_args() -> Result<bool> {
+    let mut interactive = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--interactive" => interactive = true,
+            "-h" | "--help" => {
+                println!("usage: tollgate-demo [--interactive]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; usage: tollgate-demo [--interactive]"),
+        }
+    }
+    Ok(interactive)
+}
+
+fn run(interactive: bool) -> Result<()> {
     if !is_root() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
-    let probe = probe_path()?;
-    remove_stale_pins();
-    let id = unique_id();
-    let mut cleanup = Cleanup {
-        bpffs: Path::new("/sys/fs/bpf").join(&id),
-        datapath: None,
-        topology: None,
-    };
-    let topo = cleanup
-        .topology
-        .insert(Topology::create(&id, 1).context("building the topology")?);
-    let node = topo.node(1).clone();
-    let cluster_ip = SocketAddr::from((CLUSTER_IP, CLUSTER_PORT));
-    let endpoint = SocketAddr::from((API_SERVER_IP, API_SERVER_PORT));
-    let agent_pod = node.add_pod(
-        1,
-        PodSpec::new("coding-agent", CgroupDriver::Systemd, QosClass::Burstable),
-    )?;
-    let trusted_pod = node.add_pod(
-        2,
-        PodSpec::new("ci-runner", CgroupDriver::Systemd, QosClass::Guaranteed),
-    )?;
-    let tollgate_pod = node.add_pod(
-        3,
-        PodSpec::new("tollgate", CgroupDriver::Systemd, QosClass::Burstable),
-    )?;
-
-    println!("Tollgate demo — the kernel data path");
-    println!();
-    println!("A small cluster made of network namespaces, all on this machine:");
-    println!("  the API server at {endpoint}, behind the Service `kubernetes` at {cluster_ip};");
-    println!(
-        "  node {} ({}), reachable from its pods at {};",
-        node.name, node.ip, node.pod_gateway
-    );
-    for pod in [&agent_pod, &trusted_pod, &tollgate_pod] {
-        println!(
-            "  pod {:<13} {} with its cgroup where kubelet puts it: {}",
-            pod.spec.name,
-            pod.ip,
-            rel(&pod.pod_cgroup, &topo.cgroup_root)
-        );
+    // The CLIs the demo runs log at info by default; their lines would interleave with
+    // the story. Set before any thread starts (the agent itself logs to its file).
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
     }
+    stop_on_signals();
+    let agent_bin = sibling("tg-agent")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let started = Instant::now();
 
-    let mut config = DatapathConfig::new(&topo.cgroup_root, &cleanup.bpffs);
-    config.proxy_port = PROXY_PORT;
-    config.proxy_addr4 = Some(node.pod_gateway);
-    config.proxy_addr6 = Some(node.pod_gateway6);
-    config.host_netns_cookie = Some(
-        node.netns
-            .run_in(datapath::current_netns_cookie)?
-            .context("reading the node's netns cookie")?,
+    println!("Tollgate demo: a coding agent's kubectl calls, held for review, masked, refused");
+    println!("and recorded. Lines after `|` are the real output of the command above them.");
+    println!();
+    println!("Setting up: the local control plane, simulated node 1, the scene and the agent...");
+    let mut options = StoryOptions::new(agent_bin);
+    if interactive {
+        options.hold_timeout = HAND_REVIEW_TIMEOUT;
+    }
+    let (mut story, set_up) = runtime.block_on(Story::set_up(options))?;
+    let set_up_took = started.elapsed();
+    println!(
+        "  control plane {}; namespace {} holds Deployment {} ({} replicas, image {})",
+        set_up.control_plane,
+        set_up.namespace,
+        story::DEPLOYMENT,
+        story::REPLICAS_BEFORE,
+        story::IMAGE_BEFORE
     );
-    config.agent_cgroup = Some(tollgate_pod.container_cgroup.clone());
-    let dp = cleanup
-        .datapath
-        .insert(Datapath::install(&config).context("installing the data path")?);
-    dp.set_targets(&[cluster_ip, endpoint])?;
-    dp.set_cgroup(agent_pod.pod_cgroup_id()?, CgroupClass::Enforced)?;
-    dp.set_cgroup(trusted_pod.pod_cgroup_id()?, CgroupClass::Exempt)?;
+    println!(
+        "  and Secret {}; pod {} (service account {}, label tollgate.dev/enforce=true)",
+        story::SECRET,
+        story::AGENT_POD,
+        story::AGENT_POD
+    );
+    println!(
+        "  runs on {}; reviewer {} is a service account of {}.",
+        set_up.node,
+        story::REVIEWER,
+        set_up.reviewers_namespace
+    );
+    println!(
+        "  The Tollgate agent runs on {} (REST API {}, approvals as custom resources):",
+        set_up.node, set_up.api_url
+    );
+    println!(
+        "    {:<30} deny deletes of deployments, statefulsets, configmaps",
+        story::DENY_RULE
+    );
+    println!(
+        "    {:<30} hold their creates, updates, patches for 1 approval by group",
+        story::REVIEW_RULE
+    );
+    println!(
+        "    {:<30} system:serviceaccounts:{}",
+        "", set_up.reviewers_namespace
+    );
+    println!("    {:<30} allow the rest; mask Secret values", "(default)");
+    println!("  Set up in {:.1}s.", set_up_took.as_secs_f64());
+
+    let result = tell(&mut story, interactive);
+    if let Err(err) = &result {
+        eprintln!("\n{err:#}\n{}", story.agent_log_tail());
+    }
+    println!();
+    println!("Cleaning up: the agent and its kernel programs, the pod, the namespaces, the files.");
+    let cleanup_started = Instant::now();
+    drop(story);
+    drop(runtime);
+    println!(
+        "  Done in {:.1}s. The control plane stays up for the next run (`cargo xtask cluster down`).",
+        cleanup_started.elapsed().as_secs_f64()
+    );
+    result?;
     println!();
     println!(
-        "Tollgate's eBPF programs are attached to the cluster's cgroups and pinned under {}.",
-        cleanup.bpffs.display()
+        "Total: {:.1}s (set-up {:.1}s).",
+        started.elapsed().as_secs_f64(),
+        set_up_took.as_secs_f64()
     );
-    println!(
-        "It treats {cluster_ip} and {endpoint} as the API server; `coding-agent` is enforced, \
-         `ci-runner` is exempt."
-    );
-
-    let proxy = listen(
-        &node.netns,
-        SocketAddr::from((node.pod_gateway, PROXY_PORT)),
-    )?;
-    let api = listen(&topo.control_plane, endpoint)?;
-    let dp = cleanup.datapath.as_mut().expect("installed above");
-
-    // 1. The enforced pod dials the Service address.
-    println!();
-    println!("1. Pod `coding-agent` dials the API server at {cluster_ip}.");
-    let result = pod_connect(&probe, &agent_pod, cluster_ip)?;
-    let peer_in_pod = result["peer"].as_str().unwrap_or("?").to_owned();
-    let (mut stream, from) =
-        accept_within(&proxy, Duration::from_secs(5)).context("the proxy saw nothing")?;
-    let origin = dp
-        .take_origin_of(&stream)?
-        .context("the proxy could not learn the origin")?;
-    println!(
-        "   The kernel steered it to the Tollgate proxy at {}:{PROXY_PORT} on its node.",
-        node.pod_gateway
-    );
-    println!(
-        "   The proxy accepted it from {from} and learned it was headed for {}, \
-         from pod cgroup {} ({}).",
-        origin.dst,
-        origin.pod_cgroup_id,
-        if origin.pod_cgroup_id == agent_pod.pod_cgroup_id()? {
-            "that is coding-agent"
-        } else {
-            "NOT coding-agent!"
-        }
-    );
-    println!("   Inside the pod, getpeername still says {peer_in_pod}: no change to the pod.");
-    let mut hello = String::new();
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let _ = stream.read_to_string(&mut hello);
-    println!("   The pod's first bytes reached the proxy: {hello:?}.");
-    println!(
-        "   Without Tollgate it would have gone to {cluster_ip}, i.e. to the API server \
-         at {endpoint}."
-    );
-    report_nothing(&api, "   The API server never saw this connection.")?;
-
-    // 2. The exempt pod goes straight through.
-    println!();
-    println!("2. Pod `ci-runner` (exempt) dials the API server at {endpoint}.");
-    pod_connect(&probe, &trusted_pod, endpoint)?;
-    let (_, from) = accept_within(&api, Duration::from_secs(5))
-        .context("the API server never saw the exempt pod")?;
-    println!("   It went straight to the API server, which accepted it from {from}.");
-    report_nothing(&proxy, "   The proxy saw nothing of it.")?;
-
-    // 3. Fail closed.
-    drop(proxy);
-    println!();
-    println!("3. The proxy stops listening, and `coding-agent` dials {endpoint} again.");
-    let result = pod_connect(&probe, &agent_pod, endpoint)?;
-    println!(
-        "   The pod gets: {} — it fails closed.",
-        result["error"]
-            .as_str()
-            .unwrap_or("a connection (which it must not!)")
-    );
-    report_nothing(&api, "   The API server never saw it.")?;
-
-    println!();
-    println!("Cleaning up: unpinning the programs and removing the namespaces and cgroups.");
-    drop(cleanup);
-    println!("Done.");
     Ok(())
 }
 
-/// Removes pins that an interrupted demo or test run left under /sys/fs/bpf (named like
-/// their topology, `tgp<pid>x<n>`, whose process is gone). The topology's own leftovers
-/// are removed by `Topology::create`.
-fn remove_stale_pins() {
-    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
-        return;
+/// The steps, a to g.
+fn tell(story: &mut Story, interactive: bool) -> Result<()> {
+    let pod = format!("pod {} $", story::AGENT_POD);
+    let reviewer = format!("{} $", story::REVIEWER);
+
+    let step = Instant::now();
+    let held = story.hold_an_apply()?;
+    headline(
+        "a",
+        "The coding agent rolls out checkout 1.5; Tollgate holds the apply",
+        step,
+    );
+    command(&pod, &held.command);
+    println!(
+        "  (the manifest: {} replicas, image {})",
+        story::REPLICAS_AFTER,
+        story::IMAGE_AFTER
+    );
+    println!(
+        "  kubectl waits. Tollgate filed approval {} (rule {}); the admin sees it:",
+        held.approval_id,
+        story::REVIEW_RULE
+    );
+    command(
+        "admin $",
+        &format!("kubectl get approvalrequests -n {}", story.ns.name),
+    );
+    evidence(&held.approval_requests);
+    println!(
+        "  The Deployment is unchanged meanwhile: {} replicas, image {}.",
+        held.live_while_held.replicas, held.live_while_held.image
+    );
+
+    let step = Instant::now();
+    let shown = story.show_dry_run(&held)?;
+    headline(
+        "b",
+        "The reviewer reads the call and the API server's dry-run diff",
+        step,
+    );
+    command(&reviewer, &shown.command);
+    evidence(&shown.shown);
+
+    let step = Instant::now();
+    let decided = if interactive {
+        decide_by_hand(story, &held)?
+    } else {
+        let decided = story.approve(&held)?;
+        headline("c", "The reviewer approves with the CLI", step);
+        command(&reviewer, &decided.command);
+        evidence(&decided.output);
+        decided
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("tgp")
-            .and_then(|rest| rest.split_once('x'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = datapath::uninstall(&entry.path());
+    println!(
+        "  Decision on record: {} by {} ({:?}).",
+        decided.state, decided.reviewer, decided.reason
+    );
+
+    let step = Instant::now();
+    let applied = story.finish_apply(&held)?;
+    let approved = decided.state == "Approved";
+    headline(
+        "d",
+        if approved {
+            "The apply completes: kubectl, waiting since step a, prints its own line"
+        } else {
+            "The apply is refused: kubectl prints the reviewer's reason"
+        },
+        step,
+    );
+    println!("  {pod} {} (continued)", held.command);
+    evidence(&applied.kubectl_lines.join("\n"));
+    println!(
+        "  The admin reads the Deployment: {} replicas, image {}{}.",
+        applied.live_after.replicas,
+        applied.live_after.image,
+        match applied.execution_code {
+            Some(code) => format!(" (the approved call was answered HTTP {code})"),
+            None => String::new(),
+        }
+    );
+
+    let step = Instant::now();
+    let secret = story.read_secret()?;
+    headline(
+        "e",
+        "The coding agent reads the database password: masked",
+        step,
+    );
+    command(&pod, &secret.command);
+    evidence(&secret.in_pod);
+    println!("  The same read by the admin (not through Tollgate) shows the value is real:");
+    command("admin $", &secret.command);
+    evidence(&secret.by_admin);
+
+    let step = Instant::now();
+    let delete = story.delete_workload()?;
+    headline(
+        "f",
+        "The coding agent tries to delete the Deployment: refused, with the rule's reason",
+        step,
+    );
+    command(&pod, &delete.command);
+    evidence(&delete.stderr);
+    match &delete.still_there {
+        Some(state) => println!(
+            "  The Deployment is still there ({} replicas, image {}).",
+            state.replicas, state.image
+        ),
+        None => println!("  The Deployment is GONE: the delete went through!"),
+    }
+
+    let step = Instant::now();
+    let replayed = story.replay_session(&held)?;
+    headline(
+        "g",
+        "The recording: every connection of the pod is a session, chained by hashes",
+        step,
+    );
+    command("node $", "tg-agent sessions list");
+    evidence(&replayed.list);
+    println!("  The apply's session (the approval names it), exchange by exchange:");
+    command(
+        "node $",
+        &format!("tg-agent sessions show {}", replayed.session),
+    );
+    // The header as printed; the exchanges without their query strings (kubectl's
+    // openapi hashes make the table too wide to read), from `show -o json`.
+    let header = replayed
+        .shown
+        .split("\nExchanges:")
+        .next()
+        .unwrap_or_default();
+    evidence(header);
+    println!("  | Exchanges (query strings dropped):");
+    evidence(&exchange_table(replayed.exchanges()));
+    command("node $", "tg-agent sessions verify");
+    evidence(&replayed.verify);
+    if !replayed.verified {
+        bail!("sessions verify failed");
+    }
+    Ok(())
+}
+
+/// SEQ, VERB, PATH, CODE, DECISION of each exchange, aligned.
+fn exchange_table(exchanges: &[serde_json::Value]) -> String {
+    let rows: Vec<[String; 5]> = exchanges
+        .iter()
+        .map(|e| {
+            let uri = e["requestURI"].as_str().unwrap_or("");
+            let mut decision = e["decision"]["action"].as_str().unwrap_or("").to_owned();
+            if let Some(rule) = e["decision"]["rule"].as_str() {
+                decision.push_str(&format!(" ({rule})"));
             }
+            if let Some(approval) = e["approvalID"].as_str() {
+                decision.push_str(&format!(" {approval}"));
+            }
+            [
+                e["seq"].to_string(),
+                e["verb"].as_str().unwrap_or("").to_owned(),
+                uri.split('?').next().unwrap_or(uri).to_owned(),
+                e["code"].to_string(),
+                decision,
+            ]
+        })
+        .collect();
+    let header = ["SEQ", "VERB", "PATH", "CODE", "DECISION"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
         }
     }
-}
-
-/// Runs tg-probe inside the pod: connect to `addr`, say hello, report getpeername.
-fn pod_connect(probe: &Path, pod: &PodSandbox, addr: SocketAddr) -> Result<serde_json::Value> {
-    let out = pod
-        .command(probe)?
-        .args(["connect", &addr.to_string(), "--send", "hello from the pod"])
-        .stdin(Stdio::null())
-        .output()
-        .context("running tg-probe in the pod")?;
-    if !out.status.success() {
-        bail!("tg-probe: {}", String::from_utf8_lossy(&out.stderr));
+    let mut table = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        table.push_str(cells.join("  ").trim_end());
+        table.push('\n');
     }
-    serde_json::from_slice(&out.stdout).context("reading tg-probe's answer")
+    table
 }
 
-/// Builds the pod-side probe (a no-op when it is current) and returns its path.
-/// The probe is built beside this binary (`cargo xtask demo` builds both).
-fn probe_path() -> Result<PathBuf> {
-    let probe = std::env::current_exe()
+/// Step c with a person: print what to run, then wait for their decision.
+fn decide_by_hand(story: &Story, held: &Held) -> Result<story::Decided> {
+    let review = story.review_by_hand(held)?;
+    println!();
+    println!("c. A person decides (--interactive)");
+    println!("  In another terminal, as root, run one of:");
+    let script = review.script.display();
+    println!("    {script} show");
+    println!("    {script} approve \"your reason\"");
+    println!("    {script} deny \"your reason\"");
+    println!("  `approve` runs the reviewer's CLI against this node's agent:");
+    println!("    {}", review.approve_command);
+    println!(
+        "  Waiting for a decision (up to {} minutes; Ctrl-C stops the demo and cleans up)...",
+        HAND_REVIEW_TIMEOUT.as_secs() / 60
+    );
+    let step = Instant::now();
+    let decided = story.wait_for_decision(held, HAND_REVIEW_TIMEOUT)?;
+    println!(
+        "  Decided after {:.1}s: {}.",
+        step.elapsed().as_secs_f64(),
+        decided.state
+    );
+    Ok(decided)
+}
+
+fn headline(letter: &str, text: &str, started: Instant) {
+    println!();
+    println!(
+        "{letter}. {text}  [{:.2}s]",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn command(who: &str, line: &str) {
+    println!("  {who} {line}");
+}
+
+/// The output lines, indented behind `|`, at most MAX_LINES of them, each cut at
+/// MAX_WIDTH characters.
+fn evidence(text: &str) {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    for line in lines.iter().take(MAX_LINES) {
+        let line = line.trim_end();
+        match line.char_indices().nth(MAX_WIDTH) {
+            Some((cut, _)) => println!("  | {}...", &line[..cut]),
+            None => println!("  | {line}"),
+        }
+    }
+    if lines.len() > MAX_LINES {
+        println!("  | ... ({} more lines)", lines.len() - MAX_LINES);
+    }
+}
+
+/// A binary built beside this one (`cargo xtask demo` builds them together).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()
         .context("locating the demo binary")?
-        .with_file_name("tg-probe");
-    if !probe.exists() {
+        .with_file_name(name);
+    if !path.exists() {
         bail!(
             "{} is missing; run the demo with `cargo xtask demo`, which builds it",
-            probe.display()
+            path.display()
         );
     }
-    Ok(probe)
+    Ok(path)
 }
 
-fn listen(netns: &Netns, addr: SocketAddr) -> Result<TcpListener> {
-    let listener = netns
-        .run_in(|| TcpListener::bind(addr))?
-        .with_context(|| format!("listening on {addr} in {}", netns.name))?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
-fn accept_within(listener: &TcpListener, timeout: Duration) -> Option<(TcpStream, SocketAddr)> {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: pfd is one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
-    if n <= 0 {
-        return None;
+/// Ctrl-C or SIGTERM: the story stops at its next wait and everything is cleaned up,
+/// instead of the process dying with the namespaces, the agent and its pins left
+/// behind. A second one ends the demo at once.
+fn stop_on_signals() {
+    extern "C" fn on_signal(signal: libc::c_int) {
+        story::interrupt();
+        // SAFETY: signal() is async-signal-safe; the next one takes the default action.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
-    let (stream, peer) = listener.accept().ok()?;
-    stream.set_nonblocking(false).ok()?;
-    Some((stream, peer))
-}
-
-fn report_nothing(listener: &TcpListener, line: &str) -> Result<()> {
-    match accept_within(listener, Duration::from_millis(200)) {
-        None => {
-            println!("{line}");
-            Ok(())
-        }
-        Some((_, from)) => bail!("unexpected connection from {from}: the redirect failed"),
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
     }
-}
-
-fn rel(path: &Path, root: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
 }
 
 fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .map(|v| v.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
