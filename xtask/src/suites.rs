@@ -92,6 +92,13 @@ pub const SUITES: &[Suite] = &[
         ],
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "e2e",
+        about: "the demo's story as assertions: a pod's kubectl apply held, the dry-run diff, a CLI approval, the apply done, a masked Secret read, a refused delete, the session shown and verified (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "e2e"],
+        // One agent on node 1.
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {
