@@ -807,9 +807,8 @@ fn policy_check_points_at_the_line() {
     let err = stderr(&out);
     assert!(
         err.contains("policy has 2 problems")
-            && err.contains(
-                "line 5 column 11: a rule with action approve needs an approval section"
-            )
+            && err
+                .contains("line 5 column 11: a rule with action approve needs an approval section")
             && err.contains("line 8 column 20: unknown verb \"delet\""),
         "{err}"
     );
