@@ -45,6 +45,11 @@ pub enum AppError {
     Recording(String),
     #[error("REST API: {0}")]
     Api(#[from] crate::api::ApiError),
+    #[error("REST API listener {addr}: {source}")]
+    ApiListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("proxy listener {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -339,7 +344,7 @@ async fn start_approvals(
     let api_tls = config.api.tls_config(&config.tls_cert, &config.tls_key)?;
     let api_listener = TcpListener::bind(config.api.api_listen)
         .await
-        .map_err(|source| AppError::Listen {
+        .map_err(|source| AppError::ApiListen {
             addr: config.api.api_listen,
             source,
         })?;

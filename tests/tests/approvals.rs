@@ -780,6 +780,43 @@ async fn two_agents_on_two_nodes_share_the_kubernetes_store() {
         row.contains("Pending") && row.contains("create"),
         "{listed}"
     );
+    // The requesting pod cannot approve its own call by writing the shared store, even
+    // when its RBAC would let it: enforced pods never write Tollgate's objects.
+    scene
+        .ns
+        .grant(
+            "agent",
+            "forger",
+            vec![PolicyRule {
+                api_groups: Some(vec!["tollgate.dev".into()]),
+                resources: Some(vec![
+                    "approvalrequests".into(),
+                    "approvalrequests/status".into(),
+                ]),
+                verbs: vec!["*".into()],
+                ..PolicyRule::default()
+            }],
+        )
+        .await
+        .expect("forger role");
+    let forged = scene.pod.in_pod_kubectl(
+        Cluster::shared(),
+        &[
+            "patch",
+            "approvalrequest",
+            &id,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"state":"Approved"}}"#,
+        ],
+    );
+    assert!(!forged.status.success(), "a forged approval must fail");
+    assert!(
+        stderr(&forged).contains("cannot be changed from an enforced pod"),
+        "{}",
+        stderr(&forged)
+    );
     cli_ok(&node2, &hank, &["approve", &id, "--reason", "from node 2"]);
     assert!(
         run.wait_for_line(|| {}, "configmap/shared created", Duration::from_secs(30)),

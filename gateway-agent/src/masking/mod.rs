@@ -2,7 +2,7 @@
 //! that no secret value leaves the proxy, while the answer keeps its shape (keys stay,
 //! a masked Secret `data` entry is still valid base64) so clients do not break.
 //!
-//! Pure logic on JSON: the proxy (not wired yet) hands a response body to a
+//! Pure logic on JSON: the proxy (`proxy::masking`) hands a response body to a
 //! [`StreamMasker`] chunk by chunk and forwards what comes out, or calls
 //! [`Masker::mask_body`] / [`Masker::mask_value`] for a body it holds whole.
 //!
@@ -26,7 +26,7 @@
 //! an object over the size limit) is an error: the proxy refuses it, never passes it
 //! through.
 //!
-//! Wiring it into the proxy (not done yet), for a response to an enforced pod:
+//! How the proxy uses it (`proxy::masking`), for a response to an enforced pod:
 //! 1. Before forwarding: if [`Masker::refusal_for_kind`] names a rule for the requested
 //!    kind, answer 403 without asking upstream.
 //! 2. Ask upstream for JSON (`Accept: application/json`, keeping `;as=Table;...`

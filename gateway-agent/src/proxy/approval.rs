@@ -141,6 +141,7 @@ impl ApprovalGate {
                     return Ok(self.claim(&approval.id).await);
                 }
                 State::Denied if !expired => {
+                    self.count("denied");
                     return Ok(Gated::Refused(ended(call.info, &approval), approval.id));
                 }
                 _ => {}
@@ -262,6 +263,7 @@ impl ApprovalGate {
             store: self.store.clone(),
             id: id.clone(),
             armed: true,
+            metrics: self.metrics.clone(),
         };
         self.metrics.approvals_held.inc();
         let _held = DecOnDrop(self.metrics.approvals_held.clone());
@@ -310,7 +312,14 @@ impl ApprovalGate {
         }
         match current.status.state {
             State::Approved => self.claim(&id).await,
-            _ => Gated::Refused(ended(call.info, &current), id),
+            state => {
+                self.count(match state {
+                    State::Denied => "denied",
+                    State::Expired => "expired",
+                    _ => "cancelled",
+                });
+                Gated::Refused(ended(call.info, &current), id)
+            }
         }
     }
 
@@ -599,6 +608,7 @@ struct CancelOnDrop {
     store: Store,
     id: String,
     armed: bool,
+    metrics: Metrics,
 }
 
 impl Drop for CancelOnDrop {
@@ -608,6 +618,7 @@ impl Drop for CancelOnDrop {
         }
         let store = self.store.clone();
         let id = std::mem::take(&mut self.id);
+        let metrics = self.metrics.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -625,6 +636,12 @@ impl Drop for CancelOnDrop {
                 .await;
             match result {
                 Ok(a) => {
+                    if a.status.state == State::Cancelled {
+                        metrics
+                            .approvals
+                            .get_or_create(&ApprovalLabels { event: "cancelled" })
+                            .inc();
+                    }
                     info!(approval = %id, state = %a.status.state, "held call's client went away")
                 }
                 Err(err) => warn!(approval = %id, %err, "could not cancel a held approval"),

@@ -298,6 +298,19 @@ async fn serve<R: TokenReviewer>(
         )));
     }
 
+    // Tollgate's own objects (approvals) are never written by an enforced pod, whatever
+    // the policy and the pod's RBAC say: an agent that could write an ApprovalRequest's
+    // status could approve its own held calls.
+    if info.api_group == crate::approvals::store::kubernetes::GROUP
+        && !matches!(info.verb.as_str(), "get" | "list" | "watch")
+    {
+        warn!(verb = %info.verb, resource = %info.resource, "write to Tollgate's own objects refused");
+        return Err(refuse(Status::forbidden(
+            &subject(&info),
+            "Tollgate's own objects (approvals) cannot be changed from an enforced pod; reviewers use the approvals API",
+        )));
+    }
+
     // Decide: what does the policy say?
     let caller = Caller {
         user: &user.username,

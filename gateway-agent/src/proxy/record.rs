@@ -125,13 +125,20 @@ impl Pending {
             response_started,
             capture,
         } = self;
+        let info = exchanged.info.as_ref();
+        let kind = info.map(|i| super::masking::kind_of(&i.api_group, &i.resource));
         let response_object = if complete {
             capture.finish()
         } else {
             capture.incomplete()
         };
-        let info = exchanged.info.as_ref();
-        let kind = info.map(|i| super::masking::kind_of(&i.api_group, &i.resource));
+        // What the proxy passed through unmasked (a `proxy` subresource's JSON, a
+        // non-resource path) is masked before it is recorded: a recording must never
+        // become a store of secrets. What it masked on the way out is recorded as is.
+        let response_object = match info {
+            Some(i) if super::masking::needs_masking(i) => response_object,
+            _ => masked(response_object, &masker, kind.as_deref()),
+        };
         let request_object = exchanged
             .request_body
             .as_ref()
