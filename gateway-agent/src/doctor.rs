@@ -21,6 +21,7 @@ const MIN_KERNEL: (u32, u32) = (5, 14);
 /// Capabilities the agent needs (bit numbers from linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Runs every check; `bpffs` is the pin directory the agent will use.
@@ -153,17 +154,37 @@ fn privileges() -> Check {
         .unwrap_or(0);
     let has = |cap: u32| eff & (1u64 << cap) != 0;
     let mut missing = Vec::new();
+    // Loading and attaching cgroup programs: CAP_BPF with CAP_NET_ADMIN (networking
+    // program types), or CAP_SYS_ADMIN, which implies both for BPF.
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
-    }
-    if !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_SYS_ADMIN (cgroup attach, bpffs mount)");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
+    // The verifier allows the programs' pointer arithmetic on socket context fields
+    // only with CAP_PERFMON (measured: without it and CAP_SYS_ADMIN, loading fails with
+    // EACCES).
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
+    }
+    // CAP_SYS_ADMIN only mounts bpffs when nobody has; a DaemonSet mounts the host's.
+    let bpffs_mounted = is_bpffs(std::path::Path::new(BPFFS_MOUNT));
+    if !bpffs_mounted && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_SYS_ADMIN (to mount bpffs, which is not mounted)");
+    }
     if missing.is_empty() {
-        check("privileges", true, "CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN")
+        let held: Vec<&str> = [
+            (CAP_BPF, "CAP_BPF"),
+            (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+            (CAP_PERFMON, "CAP_PERFMON"),
+            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        ]
+        .into_iter()
+        .filter(|(cap, _)| has(*cap))
+        .map(|(_, name)| name)
+        .collect();
+        check("privileges", true, held.join(", "))
     } else {
         check(
             "privileges",
