@@ -840,3 +840,67 @@ fn doctor_passes_where_the_data_path_works() {
         assert!(c.ok, "doctor: {} failed: {}", c.name, c.detail);
     }
 }
+
+/// The DaemonSet grants the agent only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
+/// (deploy/daemonset.yaml): with exactly those, and nothing else in the bounding set,
+/// the data path installs, pins and is removed again.
+#[test]
+fn the_data_path_installs_with_only_the_daemonsets_capabilities() {
+    const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
+    let id = unique_id();
+    let cgroup = tollgate_tests::topology::cgroup2_mount()
+        .expect("cgroup2")
+        .join(format!("tgcaps-{id}"));
+    std::fs::create_dir_all(&cgroup).expect("test cgroup");
+    let bpffs = PathBuf::from(format!("/sys/fs/bpf/tgcaps-{id}"));
+    let limited = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+                "--inh-caps=-all",
+                AGENT,
+            ])
+            .args(args)
+            .output()
+            .expect("setpriv runs")
+    };
+    let doctor = limited(&["doctor"]);
+    let doctor_out = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    let install = limited(&[
+        "datapath",
+        "install",
+        "--cgroup-root",
+        cgroup.to_str().expect("path"),
+        "--bpffs",
+        bpffs.to_str().expect("path"),
+        "--proxy-port",
+        "15443",
+        "--node-ip",
+        "10.77.255.1",
+    ]);
+    let installed = String::from_utf8_lossy(&install.stdout).into_owned();
+    let status = Command::new(AGENT)
+        .args(["datapath", "status", "--bpffs"])
+        .arg(&bpffs)
+        .output()
+        .expect("status");
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let pinned = status.contains("TG_TARGETS") && status.contains("link");
+    // Clean up before asserting, whatever happened.
+    let _ = Command::new(AGENT)
+        .args(["datapath", "uninstall", "--bpffs"])
+        .arg(&bpffs)
+        .output();
+    let _ = std::fs::remove_dir(&bpffs);
+    let _ = std::fs::remove_dir(&cgroup);
+    assert!(
+        doctor_out.contains("ok   privileges  CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"),
+        "{doctor_out}"
+    );
+    assert!(
+        install.status.success() && installed.contains("data path attached"),
+        "{installed}{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    assert!(pinned, "the programs and maps were pinned: {status}");
+}
