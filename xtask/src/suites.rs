@@ -99,6 +99,13 @@ pub const SUITES: &[Suite] = &[
         // One agent on node 1.
         harness_args: &["--test-threads=1"],
     },
+    Suite {
+        name: "deploy",
+        about: "deploy/ against the real API server: every object of the kustomize base accepted (server-side dry-run), the agent's Pod admitted, the default policy checked, the agent's and reviewers' RBAC by can-i, the DaemonSet's privileges, the Dockerfile's toolchain (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "deploy"],
+        // The tests apply the same RBAC and CRD; they take turns.
+        harness_args: &["--test-threads=1"],
+    },
 ];
 
 pub fn list() {

@@ -1,0 +1,1189 @@
+//! Suite `deploy`: the manifests of `deploy/` as the real API server sees them.
+//!
+//! - The kustomize base (`kubectl apply -k deploy/ --dry-run=server`) is accepted object
+//!   by object and holds exactly the objects it should; the Pod its DaemonSet would make
+//!   passes Pod admission in `tollgate-system` (Pod Security, priority class, service
+//!   account) and is refused in a `baseline` namespace; the TLS Secret `certs issue`
+//!   makes has the layout the DaemonSet mounts.
+//! - The default policy passes `policy check` and decides as documented.
+//! - The agent's RBAC, applied for real, allows what the agent does and nothing else
+//!   (`kubectl auth can-i --as`, and real requests shaped like the agent's);
+//!   impersonation comes only from `policy rbac`, for the accounts a policy names.
+//! - The DaemonSet asks for the data path's capabilities and no more.
+//! - The reviewer ClusterRole lets a reviewer decide and read sessions, nothing else.
+//! - The Dockerfile uses the toolchain `cargo xtask setup` verified.
+//!
+//! Runs as root (the shared control plane: `cargo xtask cluster up`). Only RBAC, the
+//! namespace and the CRD are applied for real (as the other suites do); every other
+//! object is a server-side dry-run, so nothing here disturbs a suite running beside it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use anyhow::{bail, ensure, Context, Result};
+use gateway_agent::policy::{Caller, Policy};
+use gateway_agent::proxy::classify::classify;
+use serde_json::{json, Value};
+use tollgate_tests::cluster::Cluster;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
+const NAMESPACE: &str = "tollgate-system";
+const AGENT_USER: &str = "system:serviceaccount:tollgate-system:tollgate-agent";
+/// The capabilities the data path needs (checked on the real kernel: see daemonset.yaml).
+const DATA_PATH_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+const REVIEWER_GROUP: &str = "tollgate:reviewers";
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+fn path_arg(path: &Path) -> Result<&str> {
+    path.to_str().context("non-UTF-8 path")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A temporary directory, removed when dropped (also when a test fails: one holds a key
+/// issued from the test cluster's CA).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch_dir(what: &str) -> Result<ScratchDir> {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-deploy-{what}-{}-{}",
+        std::process::id(),
+        tollgate_tests::topology::random_hex(3)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(ScratchDir(dir))
+}
+
+/// What the suites apply by path anyway, applied for real: the namespace, the agent's
+/// and the reviewers' RBAC, and the CRD (served before anything refers to it).
+fn apply_cluster_prerequisites(cluster: &Cluster) -> Result<()> {
+    for file in [
+        "deploy/rbac.yaml",
+        "deploy/reviewer-rbac.yaml",
+        "deploy/crds",
+    ] {
+        cluster.kubectl_ok(&["apply", "-f", path_arg(&repo_path(file))?])?;
+    }
+    cluster.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/approvalrequests.tollgate.dev",
+    ])?;
+    Ok(())
+}
+
+/// Every object of the kustomize base as the API server would store it
+/// (`kubectl apply -k deploy/ --dry-run=server -o json`): defaulted and validated.
+fn base_as_the_server_sees_it(cluster: &Cluster) -> Result<Vec<Value>> {
+    apply_cluster_prerequisites(cluster)?;
+    let out = cluster.kubectl_ok(&[
+        "apply",
+        "-k",
+        path_arg(&repo_path("deploy"))?,
+        "--dry-run=server",
+        "-o",
+        "json",
+    ])?;
+    let list: Value = serde_json::from_str(&out).context("kubectl's answer is not JSON")?;
+    match list["items"].as_array() {
+        Some(items) => Ok(items.clone()),
+        None => Ok(vec![list]),
+    }
+}
+
+fn object<'a>(items: &'a [Value], kind: &str, name: &str) -> Result<&'a Value> {
+    items
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("the base has no {kind} {name}"))
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+fn env_literal<'a>(container: &'a Value, name: &str) -> Result<&'a str> {
+    env_value(container, name)
+        .and_then(|e| e["value"].as_str())
+        .with_context(|| format!("env {name} has no literal value"))
+}
+
+/// `kubectl create --dry-run=server -f FILE` of one object, as the admin.
+fn dry_run_create(cluster: &Cluster, object: &Value, dir: &ScratchDir) -> Result<Output> {
+    let file = dir.join(&format!(
+        "{}.json",
+        object["metadata"]["name"].as_str().unwrap_or("object")
+    ));
+    std::fs::write(&file, serde_json::to_vec(object)?)?;
+    Ok(cluster
+        .kubectl()
+        .args(["create", "--dry-run=server", "-o", "json", "-f"])
+        .arg(&file)
+        .output()?)
+}
+
+/// The Pod the DaemonSet's controller would create on a node, in `namespace`.
+fn pod_from_template(daemonset: &Value, namespace: &str) -> Value {
+    let template = &daemonset["spec"]["template"];
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "tollgate-agent-dry-run",
+            "namespace": namespace,
+            "labels": template["metadata"]["labels"],
+        },
+        "spec": template["spec"],
+    })
+}
+
+/// The kustomize base is accepted by the API server object by object, and holds exactly
+/// the objects an install needs. The Pod its DaemonSet would create passes Pod
+/// admission in tollgate-system; the TLS Secret `certs issue` makes fits the mount.
+#[test]
+fn every_object_of_the_base_is_accepted_by_the_api_server() -> Result<()> {
+    let cluster = Cluster::shared();
+    let items = base_as_the_server_sees_it(cluster)?;
+
+    let found: BTreeSet<(String, String, String)> = items
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        ("Namespace", "", NAMESPACE),
+        ("ServiceAccount", NAMESPACE, "tollgate-agent"),
+        ("ClusterRole", "", "tollgate-agent"),
+        ("ClusterRoleBinding", "", "tollgate-agent"),
+        ("Role", "default", "tollgate-agent-apiserver"),
+        ("RoleBinding", "default", "tollgate-agent-apiserver"),
+        ("Role", NAMESPACE, "tollgate-agent-policy"),
+        ("RoleBinding", NAMESPACE, "tollgate-agent-policy"),
+        ("ClusterRole", "", "tollgate-approval-reviewer"),
+        (
+            "CustomResourceDefinition",
+            "",
+            "approvalrequests.tollgate.dev",
+        ),
+        ("ResourceQuota", NAMESPACE, "tollgate-critical-pods"),
+        ("ConfigMap", NAMESPACE, "tollgate-policy"),
+        ("Service", NAMESPACE, "tollgate-api"),
+        ("DaemonSet", NAMESPACE, "tollgate-agent"),
+    ]
+    .into_iter()
+    .map(|(k, ns, n)| (k.to_owned(), ns.to_owned(), n.to_owned()))
+    .collect();
+    ensure!(
+        found == expected,
+        "the base's objects differ from an install's:\n missing: {:?}\n unexpected: {:?}",
+        expected.difference(&found).collect::<Vec<_>>(),
+        found.difference(&expected).collect::<Vec<_>>()
+    );
+    for o in &items {
+        ensure!(
+            o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tollgate",
+            "{} {} lacks the part-of label",
+            o["kind"],
+            o["metadata"]["name"]
+        );
+    }
+
+    // The Service reaches the agents' REST API port by its name.
+    let daemonset = object(&items, "DaemonSet", "tollgate-agent")?;
+    let service = object(&items, "Service", "tollgate-api")?;
+    let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"]
+        .as_object()
+        .context("service selector")?
+    {
+        ensure!(
+            &pod_labels[key] == value,
+            "the Service selects {key}={value}, which the agent pods do not carry"
+        );
+    }
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let api_port = container["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "api"))
+        .context("no container port named api")?;
+    ensure!(api_port["containerPort"] == 15444 && service["spec"]["ports"][0]["port"] == 15444);
+    ensure!(service["spec"]["ports"][0]["targetPort"] == "api");
+    ensure!(
+        env_literal(container, "TOLLGATE_APPROVAL_STORE")? == "kubernetes",
+        "one Service over every agent needs the shared (Kubernetes) approval store"
+    );
+
+    // The Pod the DaemonSet would create: Pod Security (the namespace's level), the
+    // priority class and the service account all admit it...
+    let dir = scratch_dir("pods")?;
+    let out = dry_run_create(cluster, &pod_from_template(daemonset, NAMESPACE), &dir)?;
+    ensure!(
+        out.status.success(),
+        "the agent's Pod is refused in {NAMESPACE}: {}",
+        text(&out.stderr)
+    );
+    // ...which means something: the same Pod in a namespace at the baseline level is
+    // refused by Pod Security admission.
+    let rt = tokio::runtime::Runtime::new()?;
+    let ns = rt.block_on(cluster.namespace("deploy-psa"))?;
+    cluster.kubectl_ok(&[
+        "label",
+        "namespace",
+        &ns.name,
+        "pod-security.kubernetes.io/enforce=baseline",
+    ])?;
+    rt.block_on(ns.service_account("tollgate-agent"))?;
+    let out = dry_run_create(cluster, &pod_from_template(daemonset, &ns.name), &dir)?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("violates PodSecurity"),
+        "a baseline namespace should refuse the agent's Pod: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    drop(ns);
+
+    // The TLS Secret: `certs issue` writes tls.crt and tls.key; stored as a
+    // kubernetes.io/tls Secret they are what the DaemonSet mounts and points at.
+    let pki = cluster.layout.pki();
+    let tls = dir.join("tls");
+    let out = std::process::Command::new(AGENT)
+        .args(["certs", "issue", "--ca-cert"])
+        .arg(pki.join("ca.crt"))
+        .arg("--ca-key")
+        .arg(pki.join("ca.key"))
+        .arg("--out")
+        .arg(&tls)
+        .args(["--extra-san", "tollgate-api.tollgate-system.svc"])
+        .output()?;
+    ensure!(out.status.success(), "certs issue: {}", text(&out.stderr));
+    let secret: Value = serde_json::from_str(&cluster.kubectl_ok(&[
+        "create",
+        "secret",
+        "tls",
+        "tollgate-tls",
+        "-n",
+        NAMESPACE,
+        "--cert",
+        path_arg(&tls.join("tls.crt"))?,
+        "--key",
+        path_arg(&tls.join("tls.key"))?,
+        "--dry-run=server",
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(secret["type"] == "kubernetes.io/tls");
+    let volumes = daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("volumes")?;
+    let tls_volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "tollgate-tls")
+        .context("no volume of Secret tollgate-tls")?;
+    ensure!(
+        tls_volume["secret"]["defaultMode"] == 0o400,
+        "the key should be readable by its owner only: {tls_volume}"
+    );
+    let mount = container["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == tls_volume["name"]))
+        .context("the TLS volume is not mounted")?;
+    ensure!(mount["readOnly"] == true);
+    let mount_path = mount["mountPath"].as_str().context("mountPath")?;
+    for (env, key) in [
+        ("TOLLGATE_TLS_CERT", "tls.crt"),
+        ("TOLLGATE_TLS_KEY", "tls.key"),
+    ] {
+        ensure!(secret["data"][key].is_string(), "the Secret has no {key}");
+        ensure!(
+            env_literal(container, env)? == format!("{mount_path}/{key}"),
+            "{env} does not point at {key} of the mounted Secret"
+        );
+    }
+    Ok(())
+}
+
+/// How deploy/policy.yaml must decide: `METHOD PATH[?QUERY] ACTION [RULE]` (no rule:
+/// the default), for a pod of namespace `agents`.
+const DEFAULT_POLICY_CASES: &str = "
+    GET     /api/v1/namespaces/agents/secrets/db                            allow
+    GET     /api/v1/secrets                                                 allow
+    GET     /apis/apps/v1/namespaces/agents/deployments?watch=true          allow
+    GET     /api/v1/namespaces/agents/pods/web/log                          allow
+    POST    /api/v1/namespaces/agents/secrets                               deny    no-secret-writes
+    PATCH   /api/v1/namespaces/agents/secrets/db                            deny    no-secret-writes
+    DELETE  /api/v1/namespaces/agents/secrets                               deny    no-secret-writes
+    POST    /apis/apps/v1/namespaces/agents/deployments                     approve workloads-need-review
+    PUT     /apis/apps/v1/namespaces/agents/deployments/web/scale           approve workloads-need-review
+    PATCH   /apis/apps/v1/namespaces/agents/statefulsets/db                 approve workloads-need-review
+    DELETE  /apis/apps/v1/namespaces/agents/daemonsets/logs                 approve workloads-need-review
+    POST    /apis/apps/v1/namespaces/agents/replicasets                     approve workloads-need-review
+    POST    /apis/batch/v1/namespaces/agents/jobs                           approve workloads-need-review
+    DELETE  /apis/batch/v1/namespaces/agents/cronjobs/nightly               approve workloads-need-review
+    DELETE  /api/v1/namespaces/agents/pods/web                              approve workloads-need-review
+    DELETE  /api/v1/namespaces/agents/pods                                  approve workloads-need-review
+    POST    /api/v1/namespaces/agents/pods/web/eviction                     approve workloads-need-review
+    POST    /api/v1/namespaces/agents/pods/web/exec?command=sh              approve pod-access-needs-review
+    POST    /apis/rbac.authorization.k8s.io/v1/clusterrolebindings          approve rbac-needs-review
+    POST    /api/v1/namespaces/agents/configmaps                            allow
+    PATCH   /apis/apps/v1/namespaces/agents/deployments/web/status          allow
+";
+
+/// The policy shipped in deploy/policy.yaml passes `policy check`, needs no
+/// impersonation, and decides as its comments say.
+#[test]
+fn the_default_policy_is_valid_and_decides_as_documented() -> Result<()> {
+    let cluster = Cluster::shared();
+    let items = base_as_the_server_sees_it(cluster)?;
+    let configmap = object(&items, "ConfigMap", "tollgate-policy")?;
+    let document = configmap["data"]["policy.yaml"]
+        .as_str()
+        .context("the ConfigMap has no key policy.yaml (the agent reads that key)")?;
+    let dir = scratch_dir("policy")?;
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, document)?;
+
+    let out = std::process::Command::new(AGENT)
+        .args(["policy", "check"])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "policy check refused deploy/policy.yaml:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = std::process::Command::new(AGENT)
+        .args(["policy", "rbac"])
+        .arg(&file)
+        .output()?;
+    ensure!(out.status.success(), "policy rbac: {}", text(&out.stderr));
+    ensure!(
+        text(&out.stdout).contains("needs no impersonation"),
+        "the default policy should need no impersonation:\n{}",
+        text(&out.stdout)
+    );
+
+    let policy = Policy::parse(document).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let labels = Default::default();
+    let groups = vec!["system:serviceaccounts".to_owned()];
+    let caller = Caller {
+        user: "system:serviceaccount:agents:coder",
+        groups: &groups,
+        namespace: "agents",
+        service_account: "coder",
+        pod_labels: &labels,
+    };
+    for case in DEFAULT_POLICY_CASES
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        let mut words = case.split_whitespace();
+        let (Some(method), Some(uri), Some(expected)) = (words.next(), words.next(), words.next())
+        else {
+            bail!("bad case {case:?}");
+        };
+        let expected_rule = words.next();
+        let (path, query) = match uri.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (uri, None),
+        };
+        let method: http::Method = method.parse()?;
+        let request = classify(&method, path, query).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let decision = policy.decide(&caller, &request);
+        ensure!(
+            decision.action.to_string() == expected && decision.rule.as_deref() == expected_rule,
+            "{method} {uri}: {} by {:?}, expected {expected} by {expected_rule:?}",
+            decision.action,
+            decision.rule
+        );
+        if let Some(approval) = &decision.approval {
+            let step_groups: Vec<&str> = approval
+                .steps
+                .iter()
+                .flat_map(|s| s.groups.iter().map(String::as_str))
+                .collect();
+            ensure!(
+                approval.steps.len() == 1 && step_groups == [REVIEWER_GROUP],
+                "{method} {uri}: steps {:?}",
+                approval.steps
+            );
+        }
+    }
+
+    // Masking: a Secret read by an enforced pod shows no value.
+    let mut secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "db", "namespace": "agents"},
+        "data": {"password": "aHVudGVyMg=="},
+        "stringData": {"token": "hunter2"},
+    });
+    policy.masker.mask_value(
+        &mut secret,
+        &gateway_agent::masking::Context::for_kind("Secret"),
+    )?;
+    ensure!(
+        secret["data"]["password"] == gateway_agent::masking::MASK_MARKER_BASE64
+            && secret["stringData"]["token"] == gateway_agent::masking::MASK_MARKER,
+        "a Secret's values are not masked: {secret}"
+    );
+    Ok(())
+}
+
+/// Who `kubectl auth can-i` asks about, and where.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// Every namespace (`-A`), or a cluster-scoped resource.
+    Cluster,
+    Namespace(&'a str),
+}
+
+/// Resources the API server does not serve, which only authorizers ask about: Tollgate's
+/// sessions (its REST API asks), and the impersonation of uids and user extras.
+/// `kubectl auth can-i` does not split the group off a resource it cannot discover, so
+/// these go to a SubjectAccessReview: (as written here, group, resource).
+const UNSERVED_RESOURCES: [(&str, &str, &str); 3] = [
+    ("sessions.tollgate.dev", "tollgate.dev", "sessions"),
+    (
+        "uids.authentication.k8s.io",
+        "authentication.k8s.io",
+        "uids",
+    ),
+    (
+        "userextras.authentication.k8s.io",
+        "authentication.k8s.io",
+        "userextras",
+    ),
+];
+
+/// `kubectl auth can-i VERB RESOURCE [--subresource SUB] --as USER`, as the API
+/// server's SubjectAccessReview answers it.
+fn can_i(cluster: &Cluster, user: &str, verb: &str, resource: &str, scope: Scope) -> Result<bool> {
+    if let Some((_, group, plural)) = UNSERVED_RESOURCES.iter().find(|(r, ..)| *r == resource) {
+        return subject_access_review(cluster, user, verb, group, plural, scope);
+    }
+    let mut cmd = cluster.kubectl();
+    cmd.args(["auth", "can-i", verb]);
+    match resource.split_once('#') {
+        Some((resource, subresource)) => cmd.args([resource, "--subresource", subresource]),
+        None => cmd.arg(resource),
+    };
+    cmd.args(["--as", user]);
+    match scope {
+        Scope::Cluster => cmd.arg("--all-namespaces"),
+        Scope::Namespace(ns) => cmd.args(["--namespace", ns]),
+    };
+    let out = cmd.output()?;
+    match text(&out.stdout).trim() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => bail!(
+            "kubectl auth can-i {verb} {resource}: {other:?} {}",
+            text(&out.stderr)
+        ),
+    }
+}
+
+/// A SubjectAccessReview for a service account `user` (with the groups the API server
+/// gives service accounts), as Tollgate's REST API asks it.
+fn subject_access_review(
+    cluster: &Cluster,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    scope: Scope,
+) -> Result<bool> {
+    let namespace = match scope {
+        Scope::Cluster => "",
+        Scope::Namespace(ns) => ns,
+    };
+    let sa_namespace = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split(':').next())
+        .context("a service account user")?;
+    let review = json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": [
+                "system:serviceaccounts",
+                format!("system:serviceaccounts:{sa_namespace}"),
+                "system:authenticated",
+            ],
+            "resourceAttributes": {
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "namespace": namespace,
+            },
+        },
+    });
+    let mut child = cluster
+        .kubectl()
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("stdin")?,
+        review.to_string().as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "SubjectAccessReview: {}",
+        text(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(answer["status"]["allowed"] == true)
+}
+
+/// Checks every `(verb, resource, scope)` for `user`; `resource` is `name.group`,
+/// `resource/name` or `resource#subresource` as kubectl takes them. Collects every
+/// mismatch before failing, so one run names them all.
+fn expect_rights(
+    cluster: &Cluster,
+    user: &str,
+    allowed: bool,
+    checks: &[(&str, &str, Scope)],
+) -> Result<Vec<String>> {
+    let mut wrong = Vec::new();
+    for (verb, resource, scope) in checks {
+        if can_i(cluster, user, verb, resource, *scope)? != allowed {
+            let scope = match scope {
+                Scope::Cluster => "cluster-wide".to_owned(),
+                Scope::Namespace(ns) => format!("in {ns}"),
+            };
+            wrong.push(format!(
+                "{user} {} {verb} {resource} {scope}",
+                if allowed { "cannot" } else { "can" }
+            ));
+        }
+    }
+    Ok(wrong)
+}
+
+/// The agent's RBAC, applied for real, lets it do what discovery, identity, policy and
+/// approvals do, and nothing else: no Secrets, no writes outside its approvals, no
+/// deletes, no impersonation, no RBAC escalation.
+#[test]
+fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
+    use Scope::{Cluster as All, Namespace as In};
+    let cluster = Cluster::shared();
+    apply_cluster_prerequisites(cluster)?;
+    let ar = "approvalrequests.tollgate.dev";
+    let must: &[(&str, &str, Scope)] = &[
+        // discovery
+        ("list", "pods", All),
+        ("watch", "pods", All),
+        ("get", "pods", In("agents")),
+        ("list", "namespaces", All),
+        ("watch", "namespaces", All),
+        ("get", "services/kubernetes", In("default")),
+        ("list", "services/kubernetes", In("default")),
+        ("watch", "services/kubernetes", In("default")),
+        ("list", "endpointslices.discovery.k8s.io", In("default")),
+        ("watch", "endpointslices.discovery.k8s.io", In("default")),
+        // identity, and the REST API's authorization
+        ("create", "tokenreviews.authentication.k8s.io", All),
+        ("create", "subjectaccessreviews.authorization.k8s.io", All),
+        // the policy
+        ("get", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("list", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("watch", "configmaps/tollgate-policy", In(NAMESPACE)),
+        // the Kubernetes approval store, in every requester's namespace
+        ("get", ar, All),
+        ("list", ar, All),
+        ("watch", ar, All),
+        ("create", ar, In("agents")),
+        ("update", ar, In("agents")),
+        ("patch", ar, In("agents")),
+        (
+            "update",
+            "approvalrequests.tollgate.dev#status",
+            In("agents"),
+        ),
+    ];
+    let must_not: &[(&str, &str, Scope)] = &[
+        // Secrets, anywhere
+        ("get", "secrets", All),
+        ("list", "secrets", All),
+        ("watch", "secrets", All),
+        ("get", "secrets", In(NAMESPACE)),
+        ("list", "secrets", In("default")),
+        // writes to what it reads
+        ("create", "pods", In("agents")),
+        ("update", "pods", In("agents")),
+        ("patch", "pods", All),
+        ("create", "pods#exec", In("agents")),
+        ("create", "pods#eviction", In("agents")),
+        ("update", "namespaces", All),
+        ("update", "configmaps", In(NAMESPACE)),
+        ("update", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("patch", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("create", "configmaps", In(NAMESPACE)),
+        ("update", "services/kubernetes", In("default")),
+        ("update", "endpointslices.discovery.k8s.io", In("default")),
+        // deletes of anything
+        ("delete", "pods", All),
+        ("deletecollection", "pods", All),
+        ("delete", "namespaces", All),
+        ("delete", ar, All),
+        ("deletecollection", ar, All),
+        ("delete", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("delete", "services", In("default")),
+        (
+            "delete",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            All,
+        ),
+        // other ConfigMaps, other Services, EndpointSlices elsewhere, nodes
+        ("get", "configmaps", In(NAMESPACE)),
+        ("list", "configmaps", In(NAMESPACE)),
+        ("get", "configmaps/other", In(NAMESPACE)),
+        ("get", "configmaps/kube-root-ca.crt", In("default")),
+        ("list", "services", All),
+        ("list", "services", In("default")),
+        ("get", "services/other", In("default")),
+        ("list", "endpointslices.discovery.k8s.io", All),
+        ("get", "nodes", All),
+        // impersonation (executeAs accounts come from `policy rbac`, per account)
+        ("impersonate", "users", All),
+        ("impersonate", "groups", All),
+        ("impersonate", "serviceaccounts", All),
+        ("impersonate", "serviceaccounts", In("agents")),
+        ("impersonate", "uids.authentication.k8s.io", All),
+        ("impersonate", "userextras.authentication.k8s.io", All),
+        // minting tokens, certificates, RBAC escalation
+        ("create", "serviceaccounts#token", In(NAMESPACE)),
+        (
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            All,
+        ),
+        ("escalate", "clusterroles.rbac.authorization.k8s.io", All),
+        ("bind", "clusterroles.rbac.authorization.k8s.io", All),
+        ("escalate", "roles.rbac.authorization.k8s.io", In(NAMESPACE)),
+        ("bind", "roles.rbac.authorization.k8s.io", In(NAMESPACE)),
+        (
+            "create",
+            "clusterrolebindings.rbac.authorization.k8s.io",
+            All,
+        ),
+        (
+            "create",
+            "rolebindings.rbac.authorization.k8s.io",
+            In(NAMESPACE),
+        ),
+        ("update", "clusterroles.rbac.authorization.k8s.io", All),
+        // reviewers' verbs: the agent asks the API server, it does not decide
+        ("approve", ar, All),
+        ("deny", ar, All),
+    ];
+    let mut wrong = expect_rights(cluster, AGENT_USER, true, must)?;
+    wrong.extend(expect_rights(cluster, AGENT_USER, false, must_not)?);
+    ensure!(
+        wrong.is_empty(),
+        "the agent's RBAC is wrong:\n{}",
+        wrong.join("\n")
+    );
+
+    // The requests the agent really makes, with a token of its account: the Service by
+    // name and the EndpointSlices by label (as discovery watches them), its policy
+    // ConfigMap by name; a list of Secrets is refused.
+    let token = cluster
+        .kubectl_ok(&[
+            "create",
+            "token",
+            "tollgate-agent",
+            "-n",
+            NAMESPACE,
+            "--duration=10m",
+        ])?
+        .trim()
+        .to_owned();
+    // A kubeconfig of its own: the admin's holds a client certificate, which the API
+    // server would take over any token.
+    let server = cluster.kubectl_ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ])?;
+    let dir = scratch_dir("agent-token")?;
+    let kubeconfig = dir.join("agent.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: agent\n  context: {{cluster: c, user: agent}}\ncurrent-context: agent\n",
+            cluster.layout.pki().join("ca.crt").display()
+        ),
+    )?;
+    let as_agent = |args: &[&str]| -> Result<Output> {
+        Ok(std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?)
+    };
+    let out = as_agent(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ])?;
+    ensure!(
+        text(&out.stdout) == AGENT_USER,
+        "the token is not the agent's: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    for args in [
+        &["get", "--raw", "/api/v1/namespaces/default/services?fieldSelector=metadata.name%3Dkubernetes"][..],
+        &["get", "--raw", "/api/v1/namespaces/default/services?fieldSelector=metadata.name%3Dkubernetes&watch=true&timeoutSeconds=1"],
+        &["get", "--raw", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3Dkubernetes"],
+        &["get", "--raw", "/api/v1/namespaces/tollgate-system/configmaps?fieldSelector=metadata.name%3Dtollgate-policy"],
+        &["get", "--raw", "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&limit=1"],
+    ] {
+        let out = as_agent(args)?;
+        ensure!(
+            out.status.success(),
+            "the agent's request {} was refused: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
+    }
+    let out = as_agent(&["get", "--raw", "/api/v1/secrets?limit=1"])?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("forbidden"),
+        "the agent listed Secrets: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `gateway-agent policy rbac` grants the agent impersonation of exactly the accounts a
+/// policy's `executeAs` rules name: that account, in its namespace, nothing else.
+#[test]
+fn impersonation_is_granted_only_for_the_accounts_a_policy_names() -> Result<()> {
+    use Scope::{Cluster as All, Namespace as In};
+    let cluster = Cluster::shared();
+    apply_cluster_prerequisites(cluster)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let ns = rt.block_on(cluster.namespace("deploy-execas"))?;
+    // Authorization does not need the namespace to exist: no second one is made.
+    let other = format!("{}-other", ns.name);
+    let policy = format!(
+        "apiVersion: tollgate.dev/v1alpha1\nkind: Policy\ndefault: allow\nrules:\n  - name: deploys-run-as-deployer\n    action: approve\n    request:\n      verbs: [create, update, patch]\n      apiGroups: [apps]\n      resources: [deployments]\n    approval:\n      steps:\n        - groups: [\"{REVIEWER_GROUP}\"]\n      executeAs: {}/deployer\n",
+        ns.name
+    );
+    let dir = scratch_dir("execas")?;
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, policy)?;
+    let out = std::process::Command::new(AGENT)
+        .args(["policy", "rbac"])
+        .arg(&file)
+        .args([
+            "--agent-namespace",
+            NAMESPACE,
+            "--agent-service-account",
+            "tollgate-agent",
+        ])
+        .output()?;
+    ensure!(out.status.success(), "policy rbac: {}", text(&out.stderr));
+    let rbac = dir.join("rbac.yaml");
+    std::fs::write(&rbac, &out.stdout)?;
+    cluster.kubectl_ok(&["apply", "-f", path_arg(&rbac)?])?;
+
+    let allowed = [(
+        "impersonate",
+        "serviceaccounts/deployer",
+        In(ns.name.as_str()),
+    )];
+    let refused = [
+        ("impersonate", "serviceaccounts/other", In(ns.name.as_str())),
+        ("impersonate", "serviceaccounts", In(ns.name.as_str())),
+        (
+            "impersonate",
+            "serviceaccounts/deployer",
+            In(other.as_str()),
+        ),
+        ("impersonate", "serviceaccounts/deployer", All),
+        ("impersonate", "users", All),
+        ("impersonate", "groups", All),
+    ];
+    let mut wrong = expect_rights(cluster, AGENT_USER, true, &allowed)?;
+    wrong.extend(expect_rights(cluster, AGENT_USER, false, &refused)?);
+    ensure!(
+        wrong.is_empty(),
+        "impersonation rights are wrong:\n{}",
+        wrong.join("\n")
+    );
+    Ok(())
+}
+
+/// The DaemonSet asks for what the data path needs and nothing more: no privileged
+/// container, every capability dropped but CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, no
+/// privilege escalation, a read-only root, the runtime's seccomp profile, only the host
+/// paths it uses (the cgroup tree read-only), and the node's name and address from the
+/// downward API.
+#[test]
+fn the_daemonset_asks_only_for_what_the_data_path_needs() -> Result<()> {
+    let cluster = Cluster::shared();
+    let items = base_as_the_server_sees_it(cluster)?;
+    let daemonset = object(&items, "DaemonSet", "tollgate-agent")?;
+    let spec = &daemonset["spec"]["template"]["spec"];
+
+    // The pod: host network (the proxy listens on the node address), nothing else of
+    // the host's namespaces; every node; the runtime's seccomp profile.
+    ensure!(spec["hostNetwork"] == true, "hostNetwork");
+    ensure!(spec["dnsPolicy"] == "ClusterFirstWithHostNet");
+    for field in ["hostPID", "hostIPC", "shareProcessNamespace"] {
+        ensure!(
+            spec[field].is_null() || spec[field] == false,
+            "{field} is {}",
+            spec[field]
+        );
+    }
+    // In a user namespace the capabilities would not count for bpf(2).
+    ensure!(spec["hostUsers"].is_null() || spec["hostUsers"] == true);
+    ensure!(spec["priorityClassName"] == "system-node-critical");
+    ensure!(
+        spec["tolerations"] == json!([{"operator": "Exists"}]),
+        "the agent must tolerate every taint: {}",
+        spec["tolerations"]
+    );
+    ensure!(spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault");
+    ensure!(spec["serviceAccountName"] == "tollgate-agent");
+    ensure!(spec["terminationGracePeriodSeconds"]
+        .as_i64()
+        .is_some_and(|s| s > 0));
+    let strategy = &daemonset["spec"]["updateStrategy"];
+    ensure!(strategy["type"] == "RollingUpdate");
+    ensure!(strategy["rollingUpdate"]["maxUnavailable"] == 1);
+    ensure!(strategy["rollingUpdate"]["maxSurge"] == 0);
+
+    let containers = spec["containers"].as_array().context("containers")?;
+    ensure!(
+        containers.len() == 1
+            && spec["initContainers"].is_null()
+            && spec["ephemeralContainers"].is_null(),
+        "one container, the agent"
+    );
+    let container = &containers[0];
+    ensure!(container["args"] == json!(["run"]));
+
+    // The container's privileges.
+    let security = &container["securityContext"];
+    ensure!(
+        security["privileged"].is_null() || security["privileged"] == false,
+        "privileged: {}",
+        security["privileged"]
+    );
+    ensure!(security["allowPrivilegeEscalation"] == false);
+    ensure!(security["readOnlyRootFilesystem"] == true);
+    ensure!(
+        security["runAsUser"] == 0,
+        "the kubelet gives added capabilities to uid 0 only"
+    );
+    ensure!(security["procMount"].is_null() || security["procMount"] == "Default");
+    ensure!(
+        strings(&security["capabilities"]["drop"]) == ["ALL"],
+        "every capability must be dropped: {}",
+        security["capabilities"]
+    );
+    let mut added = strings(&security["capabilities"]["add"]);
+    added.sort_unstable();
+    ensure!(
+        added == DATA_PATH_CAPABILITIES,
+        "capabilities added: {added:?}, the data path needs {DATA_PATH_CAPABILITIES:?}"
+    );
+    ensure!(
+        security["seccompProfile"].is_null()
+            || security["seccompProfile"]["type"] == "RuntimeDefault"
+    );
+
+    // Host paths: the cgroup tree (read-only), bpffs (the host's, so pins outlive the
+    // container), the state directory; nothing else of the host.
+    let volumes = spec["volumes"].as_array().context("volumes")?;
+    let mounts = container["volumeMounts"]
+        .as_array()
+        .context("volumeMounts")?;
+    let mut host_paths = BTreeSet::new();
+    for volume in volumes.iter().filter(|v| !v["hostPath"].is_null()) {
+        let path = volume["hostPath"]["path"]
+            .as_str()
+            .context("hostPath.path")?;
+        let mount = mounts
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .with_context(|| format!("host path {path} is not mounted"))?;
+        match path {
+            "/sys/fs/cgroup" => ensure!(
+                mount["readOnly"] == true,
+                "the cgroup tree must be read-only"
+            ),
+            "/sys/fs/bpf" => {
+                ensure!(
+                    mount["mountPropagation"] == "HostToContainer",
+                    "bpffs: {mount}"
+                );
+                let bpffs = env_literal(container, "TOLLGATE_BPFFS")?;
+                let mount_path = mount["mountPath"].as_str().unwrap_or_default();
+                ensure!(
+                    bpffs.starts_with(&format!("{mount_path}/")),
+                    "the pins ({bpffs}) are not in the host's bpffs ({mount_path})"
+                );
+            }
+            "/var/lib/tollgate" => ensure!(
+                env_literal(container, "TOLLGATE_STATE_DIR")? == mount["mountPath"],
+                "the state directory is not the mounted one"
+            ),
+            other => bail!("unexpected host path {other}"),
+        }
+        host_paths.insert(path);
+    }
+    ensure!(host_paths.len() == 3, "host paths: {host_paths:?}");
+    let cgroup_mount = mounts
+        .iter()
+        .find(|m| {
+            volumes
+                .iter()
+                .any(|v| v["name"] == m["name"] && v["hostPath"]["path"] == "/sys/fs/cgroup")
+        })
+        .context("cgroup mount")?;
+    ensure!(
+        env_literal(container, "TOLLGATE_CGROUP_ROOT")? == cgroup_mount["mountPath"],
+        "the programs must attach to the host's cgroup root"
+    );
+
+    // The node's name and address from the downward API.
+    for (env, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("TOLLGATE_PROXY_ADDRESSES", "status.hostIP"),
+    ] {
+        let value = env_value(container, env).with_context(|| format!("no env {env}"))?;
+        ensure!(
+            value["valueFrom"]["fieldRef"]["fieldPath"] == field,
+            "{env} should come from {field}: {value}"
+        );
+    }
+    ensure!(
+        env_literal(container, "TOLLGATE_POLICY_CONFIGMAP")? == "tollgate-system/tollgate-policy"
+    );
+    ensure!(
+        env_literal(container, "TOLLGATE_CLUSTER_CA")?
+            == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    );
+
+    // Probes: the admin port on the node's loopback, where the agent is told to listen.
+    let admin = env_literal(container, "TOLLGATE_ADMIN_ADDRESS")?;
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &container[probe]["httpGet"];
+        ensure!(
+            get["path"] == path
+                && format!(
+                    "{}:{}",
+                    get["host"].as_str().unwrap_or_default(),
+                    get["port"]
+                ) == admin,
+            "{probe} does not reach {path} on {admin}: {get}"
+        );
+    }
+
+    // Resources: requests for scheduling, a memory limit, no CPU limit.
+    let resources = &container["resources"];
+    ensure!(!resources["requests"]["cpu"].is_null() && !resources["requests"]["memory"].is_null());
+    ensure!(!resources["limits"]["memory"].is_null());
+    ensure!(
+        resources["limits"]["cpu"].is_null(),
+        "a CPU limit throttles every proxied call"
+    );
+    Ok(())
+}
+
+/// A reviewer bound to tollgate-approval-reviewer in a namespace may read and decide
+/// that namespace's approvals and read its sessions, and nothing else.
+#[test]
+fn reviewers_may_decide_and_read_sessions_and_nothing_else() -> Result<()> {
+    use Scope::{Cluster as All, Namespace as In};
+    let cluster = Cluster::shared();
+    apply_cluster_prerequisites(cluster)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let ns = rt.block_on(cluster.namespace("deploy-review"))?;
+    let other = format!("{}-other", ns.name);
+    rt.block_on(ns.service_account("reviewer"))?;
+    cluster.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "reviewers",
+        "-n",
+        &ns.name,
+        "--clusterrole",
+        "tollgate-approval-reviewer",
+        "--serviceaccount",
+        &format!("{}:reviewer", ns.name),
+    ])?;
+    let user = format!("system:serviceaccount:{}:reviewer", ns.name);
+    let ar = "approvalrequests.tollgate.dev";
+    let sessions = "sessions.tollgate.dev";
+    let here = In(ns.name.as_str());
+    let elsewhere = In(other.as_str());
+    let allowed = [
+        ("get", ar, here),
+        ("list", ar, here),
+        ("watch", ar, here),
+        ("approve", ar, here),
+        ("deny", ar, here),
+        ("get", sessions, here),
+        ("list", sessions, here),
+    ];
+    let refused = [
+        ("get", "secrets", here),
+        ("list", "secrets", here),
+        ("get", "configmaps", here),
+        ("create", ar, here),
+        ("update", ar, here),
+        ("patch", ar, here),
+        ("delete", ar, here),
+        ("update", "approvalrequests.tollgate.dev#status", here),
+        ("approve", ar, elsewhere),
+        ("list", ar, elsewhere),
+        ("get", sessions, elsewhere),
+        ("approve", ar, All),
+        ("list", sessions, All),
+        ("impersonate", "users", All),
+    ];
+    let mut wrong = expect_rights(cluster, &user, true, &allowed)?;
+    wrong.extend(expect_rights(cluster, &user, false, &refused)?);
+    ensure!(
+        wrong.is_empty(),
+        "the reviewer role is wrong:\n{}",
+        wrong.join("\n")
+    );
+    Ok(())
+}
+
+/// The value of `const NAME: &str = "...";` in a Rust source.
+fn rust_const(source: &str, name: &str) -> Result<String> {
+    let start = source
+        .find(&format!("const {name}: &str = \""))
+        .with_context(|| format!("no const {name}"))?;
+    let rest = &source[start..];
+    let value = rest.split('"').nth(1).context("const value")?;
+    Ok(value.to_owned())
+}
+
+/// The Dockerfile builds with the toolchain `cargo xtask setup` installs (the versions
+/// verified to build the eBPF programs), and its entry point is what the DaemonSet runs.
+#[test]
+fn the_dockerfile_uses_the_verified_toolchain() -> Result<()> {
+    let dockerfile = std::fs::read_to_string(repo_path("Dockerfile"))?;
+    let setup = std::fs::read_to_string(repo_path("xtask/src/setup.rs"))?;
+    let toolchain = rust_const(&setup, "EBPF_TOOLCHAIN")?;
+    let linker = rust_const(&setup, "BPF_LINKER_VERSION")?;
+    let llvm_prefix = rust_const(&setup, "LLVM_PREFIX")?;
+    let stage_images: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    ensure!(
+        stage_images.first() == Some(&format!("rust:{toolchain}-bookworm").as_str()),
+        "the build stage should start from rust:{toolchain}-bookworm: {stage_images:?}"
+    );
+    for needle in [
+        format!("--toolchain {toolchain}"),
+        format!("bpf-linker --version {linker}"),
+        format!("LLVM_PREFIX={llvm_prefix}"),
+        "--features llvm-22".to_owned(),
+        "cargo build --release --locked --package gateway-agent".to_owned(),
+        "ENTRYPOINT [\"/usr/local/bin/gateway-agent\"]".to_owned(),
+        "CMD [\"run\"]".to_owned(),
+    ] {
+        ensure!(
+            dockerfile.contains(&needle),
+            "the Dockerfile lacks {needle:?}"
+        );
+    }
+    // The LLVM packages bpf-linker builds against.
+    for package in [
+        "llvm-22-dev",
+        "libpolly-22-dev",
+        "libzstd-dev",
+        "zlib1g-dev",
+    ] {
+        ensure!(
+            setup.contains(&format!("\"{package}\"")) && dockerfile.contains(package),
+            "{package}: in setup.rs and the Dockerfile alike"
+        );
+    }
+    // The runtime image is Debian 12 like the build stage (the same glibc).
+    ensure!(
+        stage_images
+            .last()
+            .is_some_and(|i| i.ends_with("-debian12")),
+        "runtime image: {stage_images:?}"
+    );
+    let ignore = std::fs::read_to_string(repo_path(".dockerignore"))?;
+    ensure!(
+        ignore.lines().any(|l| l.trim() == "target"),
+        ".dockerignore keeps target/ out"
+    );
+    // The DaemonSet runs the image the kustomization names.
+    let daemonset = std::fs::read_to_string(repo_path("deploy/daemonset.yaml"))?;
+    let kustomization = std::fs::read_to_string(repo_path("deploy/kustomization.yaml"))?;
+    ensure!(
+        daemonset.contains("image: tollgate/gateway-agent:")
+            && kustomization.contains("- name: tollgate/gateway-agent")
+    );
+    Ok(())
+}
