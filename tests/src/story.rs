@@ -84,8 +84,13 @@ pub fn interrupt() {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Whether [`interrupt`] was called.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
+    if interrupted() {
         bail!("interrupted");
     }
     Ok(())
@@ -237,7 +242,7 @@ pub struct HandReview {
 pub struct Applied {
     /// kubectl's lines (standard error prefixed `stderr: `).
     pub kubectl_lines: Vec<String>,
-    /// The line that ended it: `deployment.apps/checkout configured`, or the error.
+    /// Its result: `deployment.apps/checkout configured`, or the error's first line.
     pub result_line: String,
     pub live_after: DeploymentState,
     /// The API server's status code for the approved call (`status.execution.code`).
@@ -481,25 +486,28 @@ impl Story {
             .held_apply
             .as_mut()
             .context("no apply is held (run hold_an_apply first)")?;
+        // Read until kubectl's output ends (it exits once it has its answer): a
+        // refusal is several lines, the reviewer's reason in the last.
         let deadline = Instant::now() + SETTLE;
-        let result_line = loop {
+        loop {
             check_interrupted()?;
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .with_context(|| format!("kubectl printed no result: {:?}", exec.seen))?;
+                .with_context(|| format!("kubectl did not finish: {:?}", exec.seen))?;
             let wait = left.min(Duration::from_secs(1));
             let asked = Instant::now();
-            // Any line: kubectl prints one when it is done (warnings before it).
-            if exec.wait_for_line(|| {}, "", wait) {
-                let line = exec.seen.last().cloned().unwrap_or_default();
-                if line.starts_with("deployment.apps/") || line.contains("Error from server") {
-                    break line;
-                }
-            } else if asked.elapsed() < wait {
-                // No line and no wait: kubectl's output has ended.
-                bail!("kubectl ended without a result: {:?}", exec.seen);
+            // An empty needle: any line.
+            if !exec.wait_for_line(|| {}, "", wait) && asked.elapsed() < wait {
+                // No line, and no waiting either: the output has ended.
+                break;
             }
-        };
+        }
+        let result_line = exec
+            .seen
+            .iter()
+            .find(|l| l.starts_with("deployment.apps/") || l.contains("Error from server"))
+            .cloned()
+            .with_context(|| format!("kubectl printed no result: {:?}", exec.seen))?;
         let kubectl_lines = exec.seen.clone();
         let live_after = self.deployment_state()?.context("the Deployment is gone")?;
         let approval = self.approval(&held.approval_id)?;

@@ -22,8 +22,8 @@ use tollgate_tests::story::{self, Held, Story, StoryOptions};
 const HAND_REVIEW_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Evidence shown per command, at most (the rest is counted).
 const MAX_LINES: usize = 60;
-/// Evidence lines longer than this are cut (the last-applied annotation in a diff is
-/// one line of JSON).
+/// Where long lines are cut: the last-applied annotation in a diff, and the patch
+/// kubectl quotes in an error, are one line of JSON each.
 const MAX_WIDTH: usize = 150;
 
 fn main() -> ExitCode {
@@ -36,6 +36,11 @@ fn main() -> ExitCode {
     };
     match run(interactive) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if story::interrupted() => {
+            eprintln!("tollgate-demo: interrupted; everything it made is removed");
+            // 128 + SIGINT, as a shell reports it.
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("\ntollgate-demo failed: {err:#}");
             ExitCode::FAILURE
@@ -127,7 +132,9 @@ fn run(interactive: bool) -> Result<()> {
 
     let result = tell(&mut story, interactive);
     if let Err(err) = &result {
-        eprintln!("\n{err:#}\n{}", story.agent_log_tail());
+        if !story::interrupted() {
+            eprintln!("\n{err:#}\n{}", story.agent_log_tail());
+        }
     }
     println!();
     println!("Cleaning up: the agent and its kernel programs, the pod, the namespaces, the files.");
@@ -189,7 +196,7 @@ fn tell(story: &mut Story, interactive: bool) -> Result<()> {
         step,
     );
     command(&reviewer, &shown.command);
-    evidence(&shown.shown);
+    evidence_cut(&shown.shown, MAX_WIDTH);
 
     let step = Instant::now();
     let decided = if interactive {
@@ -219,7 +226,16 @@ fn tell(story: &mut Story, interactive: bool) -> Result<()> {
         step,
     );
     println!("  {pod} {} (continued)", held.command);
-    evidence(&applied.kubectl_lines.join("\n"));
+    for line in &applied.kubectl_lines {
+        let line = line.strip_prefix("stderr: ").unwrap_or(line);
+        // A refusal quotes the whole patch on one line: cut that one only, the
+        // reviewer's reason is at the end of a later line.
+        if line.starts_with('{') {
+            evidence_cut(line, MAX_WIDTH);
+        } else {
+            evidence(line);
+        }
+    }
     println!(
         "  The admin reads the Deployment: {} replicas, image {}{}.",
         applied.live_after.replicas,
@@ -372,13 +388,17 @@ fn command(who: &str, line: &str) {
     println!("  {who} {line}");
 }
 
-/// The output lines, indented behind `|`, at most MAX_LINES of them, each cut at
-/// MAX_WIDTH characters.
+/// The output lines, indented behind `|`, at most MAX_LINES of them.
 fn evidence(text: &str) {
+    evidence_cut(text, usize::MAX);
+}
+
+/// The same, each line cut at `width` characters.
+fn evidence_cut(text: &str, width: usize) {
     let lines: Vec<&str> = text.trim_end().lines().collect();
     for line in lines.iter().take(MAX_LINES) {
         let line = line.trim_end();
-        match line.char_indices().nth(MAX_WIDTH) {
+        match line.char_indices().nth(width) {
             Some((cut, _)) => println!("  | {}...", &line[..cut]),
             None => println!("  | {line}"),
         }
