@@ -92,8 +92,65 @@ impl Cluster {
                 .is_ok_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
             if !alive {
                 let _ = self.kubectl_ok(&["delete", "pods", "--all", "-n", name, "--wait=false"]);
-                let _ = self.kubectl_ok(&["delete", "namespace", name, "--wait=false"]);
+                self.remove_namespace(name);
             }
+        }
+    }
+
+    /// Removes a test namespace for good. Without a controller-manager nobody empties a
+    /// deleted namespace and lifts its `kubernetes` finalizer, so it would stay
+    /// Terminating for ever (and every later test process would try again): its objects
+    /// are deleted here, then the finalizer is lifted through `/finalize`.
+    pub fn remove_namespace(&self, name: &str) {
+        let kinds = "configmaps,secrets,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps";
+        let _ = self
+            .kubectl()
+            .args(["delete", kinds, "--all", "-n", name, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // Tollgate's own CRs, when the CRD is installed.
+        let _ = self
+            .kubectl()
+            .args([
+                "delete",
+                "approvalrequests.tollgate.dev",
+                "--all",
+                "-n",
+                name,
+                "--wait=false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = self
+            .kubectl()
+            .args(["delete", "namespace", name, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let body = format!(
+            r#"{{"apiVersion":"v1","kind":"Namespace","metadata":{{"name":"{name}"}},"spec":{{"finalizers":[]}}}}"#
+        );
+        if let Ok(mut child) = self
+            .kubectl()
+            .args([
+                "replace",
+                "--raw",
+                &format!("/api/v1/namespaces/{name}/finalize"),
+                "-f",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            if let Some(mut stdin) = child.stdin.take() {
+                use std::io::Write;
+                let _ = stdin.write_all(body.as_bytes());
+            }
+            let _ = child.wait();
         }
     }
 
@@ -426,9 +483,8 @@ impl TestNamespace {
 }
 
 impl Drop for TestNamespace {
-    /// Deletes the pods (waiting, so their sandboxes are gone) and then the namespace.
-    /// Without a controller-manager the namespace itself stays Terminating; that is
-    /// harmless, and nothing here waits for it.
+    /// Deletes the pods (waiting, so their sandboxes are gone), then the namespace with
+    /// what is in it (see [`Cluster::remove_namespace`]).
     fn drop(&mut self) {
         let _ = self
             .cluster
@@ -436,12 +492,7 @@ impl Drop for TestNamespace {
             .args(["delete", "pods", "--all", "-n", &self.name, "--timeout=60s"])
             .stdout(Stdio::null())
             .status();
-        let _ = self
-            .cluster
-            .kubectl()
-            .args(["delete", "namespace", &self.name, "--wait=false"])
-            .stdout(Stdio::null())
-            .status();
+        self.cluster.remove_namespace(&self.name);
     }
 }
 
