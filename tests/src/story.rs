@@ -340,8 +340,11 @@ impl Story {
         let pod = ns.run_pod(pod).await?;
 
         let policy = policy(&ns.name, &reviewers.name, options.hold_timeout);
-        let mut agent_options = AgentOptions::new("", 1, &policy);
-        agent_options.bin = options.agent_bin.clone();
+        let agent_bin = options
+            .agent_bin
+            .to_str()
+            .context("the agent's path is not UTF-8")?;
+        let mut agent_options = AgentOptions::new(agent_bin, 1, &policy);
         agent_options.approval_store = Some("kubernetes".into());
         check_interrupted()?;
         let agent = RunningAgent::start(cluster, agent_options).context("starting the agent")?;
