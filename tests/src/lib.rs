@@ -4,6 +4,8 @@
 pub use tollgate_harness::{cluster, require_root, topology};
 
 pub mod agent;
+pub mod agent_bench;
 pub mod approval_bench;
 pub mod masking_bench;
 pub mod story;
+pub mod watch_bench;
