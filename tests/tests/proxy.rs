@@ -979,3 +979,76 @@ async fn a_deleted_pod_leaves_the_kernel_map() {
     )
     .expect("map entry removed");
 }
+
+/// Watches hold their stream for as long as they run. Over one HTTP/2 connection to
+/// the API server (100 concurrent streams by default) 150 of them would leave every
+/// later call of the node waiting; the proxy gives them connections of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_open_watches_do_not_starve_other_calls() {
+    const LOAD: &str = env!("CARGO_BIN_EXE_tg-load");
+    let _agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-watches").await;
+    let pod = sleeper(&ns, "watcher", true).await;
+    let cluster = Cluster::shared();
+    let dir = std::env::temp_dir().join(format!("tollgate-watches-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token_file = dir.join("token");
+    std::fs::write(
+        &token_file,
+        ns.token("agent", &[], Some(&pod)).await.expect("token"),
+    )
+    .expect("token file");
+    let spec = dir.join("spec.json");
+    std::fs::write(
+        &spec,
+        serde_json::json!({
+            "server": "https://10.96.0.1:443",
+            "ca_file": cluster.layout.pki().join("ca.crt"),
+            "token_file": token_file,
+            "namespace": ns.name,
+            "phase": "watch",
+            "resource": "configmaps",
+            "watches": 150,
+            "concurrency": 1,
+            "requests": 0,
+            "warmup": 0,
+            "time_limit_ms": 90_000,
+            "establish_timeout_ms": 30_000,
+            "print_events": false,
+        })
+        .to_string(),
+    )
+    .expect("spec");
+    let mut watcher = tollgate_tests::watch_bench::Watcher::start(&pod, LOAD.as_ref(), &spec)
+        .expect("tg-load watch starts");
+    let streams = watcher
+        .wait_established(Duration::from_secs(40))
+        .expect("the watches report");
+    assert_eq!(
+        (streams.established, streams.pending, streams.failed),
+        (150, 0, 0),
+        "every watch is answered: {:?}",
+        watcher.other
+    );
+    // With all of them open, an ordinary call of the same pod is answered at once.
+    let out = pod.kubectl_exec(
+        cluster,
+        &[],
+        &[
+            "timeout",
+            "15",
+            "kubectl",
+            "get",
+            "configmaps",
+            "-o",
+            "name",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "a get while 150 watches are open: {}",
+        stderr(&out)
+    );
+    drop(watcher);
+    let _ = std::fs::remove_dir_all(&dir);
+}

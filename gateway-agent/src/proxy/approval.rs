@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::classify::RequestInfo;
 use super::handler::ConnectionInfo;
-use super::upstream::{BoxError, ProxyBody, Upstream};
+use super::upstream::{BoxError, ProxyBody, Route, Upstream};
 use crate::approvals::model::{
     format_rfc3339, now_rfc3339, parse_rfc3339, ApprovalSpec, ApprovalStatus, DecisionError,
     DryRun, Execution, HeldRequest, Requester,
@@ -377,7 +377,7 @@ impl ApprovalGate {
             None => {
                 let request = rebuild(call.parts, call.body.clone());
                 upstream
-                    .send(original_dst, request, false)
+                    .send(original_dst, request, Route::Pooled)
                     .await
                     .map_err(|err| Status::service_unavailable(err.to_string()))?
                     .map(|body| body.map_err(BoxError::from).boxed())
@@ -428,7 +428,7 @@ impl ApprovalGate {
         let Some((namespace, name)) = &call.rule.execute_as else {
             let request = Request::from_parts(parts, full(body));
             let response = upstream
-                .send(call.connection.original_dst, request, false)
+                .send(call.connection.original_dst, request, Route::Pooled)
                 .await
                 .map_err(|err| Status::service_unavailable(err.to_string()))?;
             let (head, body) = response.into_parts();

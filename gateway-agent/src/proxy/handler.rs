@@ -20,7 +20,7 @@ use super::approval::{ApprovalGate, Gated, HeldCall};
 use super::classify::{classify, RequestInfo};
 use super::masking;
 use super::record::{self, Exchanged, RequestHead, RequestTap};
-use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Upstream, UpstreamError};
+use super::upstream::{strip_hop_by_hop, BoxError, ProxyBody, Route, Upstream, UpstreamError};
 use crate::identity::{check_pod, AttributedPod, Identity, Review, TokenReviewer};
 use crate::metrics::RequestLabels;
 use crate::policy::{Action, Caller, Decision, Policy};
@@ -517,7 +517,7 @@ async fn held_call<R: TokenReviewer>(
     let upstream_request = Request::from_parts(parts, empty());
     let response = gateway
         .upstream
-        .send(connection.original_dst, upstream_request, true)
+        .send(connection.original_dst, upstream_request, Route::Upgrade)
         .await
         .map_err(|err| Status::service_unavailable(err.to_string()))?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -633,7 +633,11 @@ async fn forward<R: TokenReviewer>(
 
     let response = gateway
         .upstream
-        .send(connection.original_dst, upstream_request, upgrade)
+        .send(
+            connection.original_dst,
+            upstream_request,
+            route(info, upgrade),
+        )
         .await
         .map_err(|err| match err {
             _ if carries_marker.load(std::sync::atomic::Ordering::Relaxed) => {
@@ -725,6 +729,17 @@ fn splice_upgrade(
     );
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, empty())
+}
+
+/// Upgrades and calls that stay open get connections of their own upstream.
+fn route(info: &RequestInfo, upgrade: bool) -> Route {
+    if upgrade {
+        Route::Upgrade
+    } else if info.verb == "watch" || matches!(info.subresource.as_str(), "log" | "proxy") {
+        Route::LongRunning
+    } else {
+        Route::Pooled
+    }
 }
 
 /// The verbs whose body becomes stored state.

@@ -36,9 +36,24 @@ pub enum UpstreamError {
 /// such as watches then run as long as they like).
 pub const RESPONSE_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Which connections a request goes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Short calls: multiplexed on the pooled connections (HTTP/2 when offered).
+    Pooled,
+    /// Calls that stay open (watches, logs, the `proxy` subresource): an HTTP/1.1
+    /// connection each. On one HTTP/2 connection they would take the API server's
+    /// concurrent streams (100 by default) and every later call of the node would
+    /// wait behind them.
+    LongRunning,
+    /// exec, attach, port-forward: upgrades exist only in HTTP/1.1.
+    Upgrade,
+}
+
 pub struct Upstream {
     pooled: Client<HttpsConnector<HttpConnector>, ProxyBody>,
-    upgrades: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// One request per connection at a time: upgrades and long-running calls.
+    dedicated: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     response_header_timeout: Duration,
 }
 
@@ -67,7 +82,7 @@ impl Upstream {
             .pool_max_idle_per_host(64);
         Upstream {
             pooled: builder.build(pooled_tls),
-            upgrades: Client::builder(TokioExecutor::new())
+            dedicated: Client::builder(TokioExecutor::new())
                 .http1_preserve_header_case(true)
                 .build(upgrade_tls),
             response_header_timeout,
@@ -80,16 +95,15 @@ impl Upstream {
         &self,
         addr: SocketAddr,
         mut request: Request<ProxyBody>,
-        upgrade: bool,
+        route: Route,
     ) -> Result<Response<Incoming>, UpstreamError> {
         *request.uri_mut() = upstream_uri(addr, request.uri())?;
         // A request that arrived over h2 must not force h2 upstream: the pool picks h2
         // or http/1.1 by ALPN, and upgrades exist only in HTTP/1.1.
         *request.version_mut() = http::Version::HTTP_11;
-        let client = if upgrade {
-            &self.upgrades
-        } else {
-            &self.pooled
+        let client = match route {
+            Route::Pooled => &self.pooled,
+            Route::LongRunning | Route::Upgrade => &self.dedicated,
         };
         // Only the response head is bounded: watches and `logs -f` stream for as long
         // as they like once the head has arrived.
