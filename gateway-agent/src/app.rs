@@ -322,6 +322,7 @@ async fn start_approvals(
     tokio::spawn(crate::approvals::store::run_expiry(
         store.clone(),
         config.approval_expiry_interval,
+        config.approval_retention,
     ));
     let notifier = approvals_config::notifier(&config.approvals)
         .map_err(|e| AppError::Approvals(e.to_string()))?;

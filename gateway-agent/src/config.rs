@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// How often pending approvals past their expiry are marked Expired [default: 5s].
     #[arg(long, env = "TOLLGATE_APPROVAL_EXPIRY_INTERVAL", value_parser = parse_duration)]
     pub approval_expiry_interval: Option<Duration>,
+    /// Decided approvals are removed from the store this long after their decision
+    /// (7d, 12h); the agents' logs and the session records keep them [default: 7d].
+    #[arg(long, env = "TOLLGATE_APPROVAL_RETENTION", value_parser = parse_duration)]
+    pub approval_retention: Option<Duration>,
     /// Where approvals are kept (flags and environment only, not the YAML file).
     #[command(flatten)]
     pub approvals: crate::approvals::config::ApprovalArgs,
@@ -183,6 +187,7 @@ pub struct Config {
     pub allow_unbound_tokens: bool,
     pub max_body_bytes: usize,
     pub approval_expiry_interval: Duration,
+    pub approval_retention: Duration,
     pub approvals: crate::approvals::config::ApprovalArgs,
     pub api: crate::api::ApiArgs,
     pub recording: RecordingArgs,
@@ -342,6 +347,9 @@ impl Config {
             approval_expiry_interval: args
                 .approval_expiry_interval
                 .unwrap_or(DEFAULT_APPROVAL_EXPIRY_INTERVAL),
+            approval_retention: args
+                .approval_retention
+                .unwrap_or(Duration::from_secs(7 * 86_400)),
             approvals: args.approvals,
             api: args.api,
             recording: args.recording,

@@ -449,5 +449,16 @@ async fn expiry(cluster: &'static Cluster, namespace: &str) -> Result<()> {
     })
     .await?;
     assert_eq!(state(held.id.clone()).await?, Some(State::Cancelled));
+
+    // Retention: decided approvals go (the custom resources are deleted); pending stay.
+    let later = now + std::time::Duration::from_secs(3600);
+    let removed = a
+        .prune_decided(later, std::time::Duration::from_secs(60))
+        .await?;
+    ensure!(removed >= 2, "pruned {removed}");
+    let names = cluster.kubectl_ok(&["get", "approvalrequests", "-n", namespace, "-o", "name"])?;
+    ensure!(!names.contains(&overdue.id), "{names}");
+    ensure!(!names.contains(&held.id), "{names}");
+    ensure!(names.contains(&current.id), "{names}");
     Ok(())
 }

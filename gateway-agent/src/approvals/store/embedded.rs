@@ -114,6 +114,27 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Removes an approval (a decided one past retention). Gone already is fine.
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            let _order = inner.write.lock().unwrap_or_else(|e| e.into_inner());
+            let txn = inner.db.begin_write().map_err(|e| inner.err("write", e))?;
+            {
+                let mut table = txn
+                    .open_table(APPROVALS)
+                    .map_err(|e| inner.err("open table", e))?;
+                table
+                    .remove(id.as_str())
+                    .map_err(|e| inner.err("remove", e))?;
+            }
+            txn.commit().map_err(|e| inner.err("commit", e))?;
+            debug!(%id, "approval removed");
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<ApprovalRequest>, StoreError> {
         let id = id.to_owned();
         self.blocking(move |inner| {

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::core::GroupVersionKind;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -274,6 +276,24 @@ impl KubeStore {
     /// change may arrive twice; consumers re-check the state.
     pub fn subscribe(&self) -> broadcast::Receiver<ApprovalRequest> {
         self.inner.cache.changes.subscribe()
+    }
+
+    /// Deletes the custom resource (a decided approval past retention). Gone already
+    /// is fine.
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let Some(object) = self.locate(id).await? else {
+            return Ok(());
+        };
+        let namespace = object.metadata.namespace.clone().unwrap_or_default();
+        match self
+            .namespaced(&namespace)
+            .delete(id, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+            Err(err) => Err(api_error(id, "deleting", err)),
+        }
     }
 
     fn namespaced(&self, namespace: &str) -> Api<DynamicObject> {

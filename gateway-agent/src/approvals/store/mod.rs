@@ -163,6 +163,36 @@ impl Store {
     /// at agent start: the clients of those held requests were connected to the
     /// previous agent process, so nobody is waiting for them any more. Retry-mode
     /// approvals stay: their clients come back on their own.
+    /// Removes approvals decided more than `retention` ago (their decisions stay in the
+    /// agents' logs and in the session records). Pending ones are never removed.
+    pub async fn prune_decided(
+        &self,
+        now: time::OffsetDateTime,
+        retention: Duration,
+    ) -> Result<usize, StoreError> {
+        let cutoff = now - retention;
+        let mut removed = 0;
+        for approval in self.list(None).await? {
+            let decided = approval
+                .status
+                .decided_at
+                .as_deref()
+                .and_then(super::model::parse_rfc3339);
+            if !approval.status.state.is_final() || decided.is_none_or(|t| t > cutoff) {
+                continue;
+            }
+            let result = match self {
+                Store::Embedded(s) => s.delete(&approval.id).await,
+                Store::Kubernetes(s) => s.delete(&approval.id).await,
+            };
+            match result {
+                Ok(()) => removed += 1,
+                Err(err) => warn!(id = %approval.id, %err, "could not remove a decided approval"),
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn cancel_held_on_node(&self, node: &str) -> Result<usize, StoreError> {
         let at = model::now_rfc3339();
         let held_here = |a: &ApprovalRequest| {
@@ -204,16 +234,28 @@ impl Store {
 /// Expires due approvals every `every`, until the task is dropped. With the Kubernetes
 /// store every agent runs this; they race harmlessly (`update` lets one win, the
 /// others find the approval already final and write nothing).
-pub async fn run_expiry(store: Store, every: Duration) {
+pub async fn run_expiry(store: Store, every: Duration, retention: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pruning is not urgent: about once a minute, whatever the expiry interval.
+    let prune_every = (Duration::from_secs(60).as_millis() / every.as_millis().max(1)).max(1);
+    let mut round: u128 = 0;
     loop {
         tick.tick().await;
-        match store.expire_due(time::OffsetDateTime::now_utc()).await {
+        let now = time::OffsetDateTime::now_utc();
+        match store.expire_due(now).await {
             Ok(0) => {}
             Ok(n) => debug!(expired = n, "expiry pass"),
             Err(err) => warn!(%err, "expiry pass failed; trying again next round"),
         }
+        if round % prune_every == 0 {
+            match store.prune_decided(now, retention).await {
+                Ok(0) => {}
+                Ok(n) => info!(removed = n, "decided approvals past retention removed"),
+                Err(err) => warn!(%err, "pruning decided approvals failed; trying again later"),
+            }
+        }
+        round += 1;
     }
 }
 
@@ -371,5 +413,29 @@ mod tests {
         assert_eq!(state("ar-0000000000000001").await, State::Cancelled);
         assert_eq!(state("ar-0000000000000002").await, State::Pending);
         assert_eq!(state("ar-0000000000000003").await, State::Pending);
+    }
+
+    #[tokio::test]
+    async fn prune_decided_removes_only_decided_approvals_past_retention() {
+        let dir = temp_dir("prune");
+        let store = store(dir.path());
+        let mut old = approval("ar-0000000000000001", "fp1", "2026-01-01T10:00:00Z");
+        old.finish(State::Denied, "no".into(), "2026-01-01T10:01:00Z");
+        let mut recent = approval("ar-0000000000000002", "fp2", "2026-01-07T10:00:00Z");
+        recent.finish(State::Approved, "yes".into(), "2026-01-07T10:01:00Z");
+        let pending = approval("ar-0000000000000003", "fp3", "2026-01-01T09:00:00Z");
+        for a in [&old, &recent, &pending] {
+            store.create(a.clone()).await.unwrap();
+        }
+        let now = model::parse_rfc3339("2026-01-09T10:00:00Z").unwrap();
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(store.prune_decided(now, week).await.unwrap(), 1);
+        assert!(store.get(&old.id).await.unwrap().is_none());
+        assert!(store.get(&recent.id).await.unwrap().is_some());
+        assert!(
+            store.get(&pending.id).await.unwrap().is_some(),
+            "pending stays"
+        );
+        assert_eq!(store.prune_decided(now, week).await.unwrap(), 0);
     }
 }
