@@ -248,7 +248,7 @@ pub async fn run_expiry(store: Store, every: Duration, retention: Duration) {
             Ok(n) => debug!(expired = n, "expiry pass"),
             Err(err) => warn!(%err, "expiry pass failed; trying again next round"),
         }
-        if round % prune_every == 0 {
+        if round.is_multiple_of(prune_every) {
             match store.prune_decided(now, retention).await {
                 Ok(0) => {}
                 Ok(n) => info!(removed = n, "decided approvals past retention removed"),
