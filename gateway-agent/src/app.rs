@@ -138,6 +138,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // Kernel data path: adopt pins or install; redirect starts at once.
     let mut datapath_config = DatapathConfig::new(&config.cgroup_root, &config.bpffs);
     datapath_config.proxy_port = config.proxy_port;
+    datapath_config.agent_cgroup = config.agent_cgroup.clone();
     for addr in &config.proxy_addresses {
         match addr {
             IpAddr::V4(v4) => datapath_config.proxy_addr4 = Some(*v4),

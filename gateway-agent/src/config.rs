@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// cgroup2 mount).
     #[arg(long, env = "TOLLGATE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
+    /// The agent's own cgroup, whose connections are never steered (default: this
+    /// process's cgroup as `/proc/self/cgroup` names it under the cgroup2 mount). Give
+    /// it when the agent's view of the cgroup tree is not the container's own.
+    #[arg(long, env = "TOLLGATE_AGENT_CGROUP")]
+    pub agent_cgroup: Option<PathBuf>,
     /// bpffs directory for pinned programs and maps [default: /sys/fs/bpf/tollgate].
     #[arg(long, env = "TOLLGATE_BPFFS")]
     pub bpffs: Option<PathBuf>,
@@ -181,6 +186,7 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     pub policy: crate::policy::source::PolicySource,
     pub cgroup_root: PathBuf,
+    pub agent_cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub admin_address: SocketAddr,
     pub classify_timeout: Duration,
@@ -332,6 +338,7 @@ impl Config {
             kubeconfig: args.kubeconfig.or(file.kubeconfig),
             policy,
             cgroup_root,
+            agent_cgroup: args.agent_cgroup,
             bpffs: args
                 .bpffs
                 .or(file.bpffs)
