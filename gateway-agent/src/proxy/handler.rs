@@ -420,7 +420,7 @@ async fn hold_for_approval<R: TokenReviewer>(
 async fn held_call<R: TokenReviewer>(
     gateway: &Gateway<R>,
     connection: &ConnectionInfo,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     call: Approvable<'_>,
     request_id: &str,
     tap: Option<RequestTap>,
@@ -448,12 +448,7 @@ async fn held_call<R: TokenReviewer>(
         ));
     }
     let limit = gateway.limits.max_body_bytes;
-    if let Some(length) = content_length(request.headers()) {
-        if length > limit as u64 {
-            tokio::spawn(discard(request.into_body(), length.min(DISCARD_LIMIT)));
-            return Err(Status::request_entity_too_large(limit));
-        }
-    }
+    let mut request = within_body_limit(request, limit).map_err(|status| *status)?;
     // The answer of an approved call is masked like any other (a created Secret comes
     // back with its data).
     let (method, headers) = (request.method().clone(), request.headers_mut());
@@ -559,22 +554,14 @@ fn prepare_upstream_headers(
 async fn forward<R: TokenReviewer>(
     gateway: &Gateway<R>,
     connection: &ConnectionInfo,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     upgrade: bool,
     request_id: &str,
     info: &RequestInfo,
     tap: Option<RequestTap>,
 ) -> Result<Response<ProxyBody>, Status> {
     let limit = gateway.limits.max_body_bytes;
-    if let Some(length) = content_length(request.headers()) {
-        if length > limit as u64 {
-            // Answer at once, but keep reading (and dropping) what the client is still
-            // sending, bounded: over HTTP/2 an unread request body resets the stream
-            // and the client would see a framing error instead of this Status.
-            tokio::spawn(discard(request.into_body(), length.min(DISCARD_LIMIT)));
-            return Err(Status::request_entity_too_large(limit));
-        }
-    }
+    let mut request = within_body_limit(request, limit).map_err(|status| *status)?;
     // Masking: refuse what a rule refuses, and ask upstream for plain JSON.
     let (method, headers) = (request.method().clone(), request.headers_mut());
     let masking = match masking::prepare(
@@ -666,6 +653,23 @@ async fn forward<R: TokenReviewer>(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     masking::respond(masking, parts, body).await
+}
+
+/// Refuses a request whose Content-Length is over `limit` at once, but keeps reading
+/// (and dropping) what the client is still sending, bounded: over HTTP/2 an unread
+/// request body resets the stream and the client would see a framing error instead of
+/// the Status.
+fn within_body_limit(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<Request<Incoming>, Box<Status>> {
+    match content_length(request.headers()) {
+        Some(length) if length > limit as u64 => {
+            tokio::spawn(discard(request.into_body(), length.min(DISCARD_LIMIT)));
+            Err(Box::new(Status::request_entity_too_large(limit)))
+        }
+        _ => Ok(request),
+    }
 }
 
 /// At most this much of a refused body is read and dropped.
