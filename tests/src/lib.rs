@@ -7,5 +7,6 @@ pub mod agent;
 pub mod agent_bench;
 pub mod approval_bench;
 pub mod masking_bench;
+pub mod output;
 pub mod story;
 pub mod watch_bench;

@@ -8,8 +8,7 @@
 //! (`deploy/reviewer-rbac.yaml`, bound in the requester's namespace) decides who may
 //! review at all.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
@@ -18,17 +17,10 @@ use tollgate_tests::agent::{AgentOptions, RunningAgent};
 use tollgate_tests::cluster::harness::wait_until;
 use tollgate_tests::cluster::harness::StreamingExec;
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
+use tollgate_tests::output::{stderr, stdout};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
 const KUBE_CLIENT: &str = env!("CARGO_BIN_EXE_tg-kube-client");
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn workspace_file(path: &str) -> String {
     format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
@@ -36,26 +28,9 @@ fn workspace_file(path: &str) -> String {
 
 /// `kubectl apply -f -` (admin) of a YAML document.
 fn apply(yaml: &str) {
-    let mut child = Cluster::shared()
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl apply");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("writing the manifest");
-    let out = child.wait_with_output().expect("kubectl apply");
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}\n{yaml}",
-        stderr(&out)
-    );
+    Cluster::shared()
+        .apply_yaml(yaml)
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The CRD (for the Kubernetes store) and the reviewer ClusterRole, once established.

@@ -8,14 +8,14 @@
 //! Deployments. Every check looks for the real values (distinctive strings, plain and
 //! base64) in the whole output, and for the marker where the output shows values.
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::Value;
 use tollgate_tests::agent::{AgentOptions, RunningAgent, ALLOW_ALL};
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
+use tollgate_tests::output::{ok, stderr, stdout};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
 
@@ -30,25 +30,6 @@ const API_TOKEN: &str = "tg-real-api-token-x41v";
 const WATCHED: (&str, &str) = ("tg-watch-pw-c93m2", "dGctd2F0Y2gtcHctYzkzbTI=");
 const APPLIED: (&str, &str) = ("tg-applied-pw-q8z4", "dGctYXBwbGllZC1wdy1xOHo0");
 const GZIPPED: (&str, &str) = ("tg-gzip-pw-m2k7", "dGctZ3ppcC1wdy1tMms3");
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
 
 /// No real value anywhere in `text`; the marker (plain or base64, given) somewhere.
 fn assert_masked(text: &str, reals: &[&str], marker: Option<&str>, what: &str) {
@@ -130,26 +111,9 @@ fn admin(args: &[&str]) -> String {
 
 /// `kubectl apply -f -` (admin) of a YAML document.
 fn admin_apply(yaml: &str) {
-    let mut child = Cluster::shared()
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl apply");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())
-        .expect("writing the manifest");
-    let out = child.wait_with_output().expect("kubectl apply");
-    assert!(
-        out.status.success(),
-        "kubectl apply failed: {}\n{yaml}",
-        stderr(&out)
-    );
+    Cluster::shared()
+        .apply_yaml(yaml)
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Values masked by the agent, by kind and cause.

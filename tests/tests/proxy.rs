@@ -13,27 +13,9 @@ use k8s_openapi::api::rbac::v1::PolicyRule;
 use tollgate_tests::agent::{AgentOptions, RunningAgent, ALLOW_ALL};
 use tollgate_tests::cluster::harness::wait_until;
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
+use tollgate_tests::output::{ok, stderr, stdout};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
-}
 
 /// The rights the test pods' service account has in its namespace.
 fn workload_rules() -> Vec<PolicyRule> {

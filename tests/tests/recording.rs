@@ -4,7 +4,6 @@
 //! and read back after the agent was killed with SIGKILL.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::rbac::v1::PolicyRule;
@@ -12,16 +11,9 @@ use serde_json::Value;
 use tollgate_tests::agent::{AgentOptions, RunningAgent, ALLOW_ALL};
 use tollgate_tests::cluster::harness::wait_until;
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod, TestNamespace};
+use tollgate_tests::output::{stderr, stdout};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_tg-agent");
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn rule(resources: &[&str], verbs: &[&str]) -> PolicyRule {
     PolicyRule {

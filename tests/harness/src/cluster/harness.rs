@@ -154,6 +154,33 @@ impl Cluster {
         }
     }
 
+    /// `kubectl apply -f -` (admin) of a YAML document; kubectl's output.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl apply")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl's stdin")?
+            .write_all(yaml.as_bytes())
+            .context("writing the manifest")?;
+        let out = child.wait_with_output().context("kubectl apply")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply failed: {}\n{yaml}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.layout.admin_kubeconfig()
     }
