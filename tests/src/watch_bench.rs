@@ -9,7 +9,6 @@
 //! change compare directly.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
@@ -60,25 +59,7 @@ impl Watcher {
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().context("stdout")?;
         let stderr = child.stderr.take().context("stderr")?;
-        let (tx, lines) = mpsc::channel();
-        let tx_err = tx.clone();
-        // Reader threads end with the process (end of file on its pipes).
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx_err.send(format!("stderr: {line}")).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::cluster::harness::line_channel(stdout, stderr);
         Ok(Watcher {
             child,
             stdin,

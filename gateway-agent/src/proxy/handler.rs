@@ -261,7 +261,10 @@ async fn serve<R: TokenReviewer>(
     if upgrade {
         info.treat_streaming_upgrade_as_create();
     }
-    exchanged.info = Some(info.clone());
+    exchanged.verb.clone_from(&info.verb);
+    if recording {
+        exchanged.info = Some(info.clone());
+    }
 
     // Identify: whose token is it, and is it this pod's?
     let token = bearer_token(request.headers()).ok_or_else(|| {

@@ -1206,11 +1206,18 @@ impl MarkerScan {
         let longest = crate::masking::MASK_MARKER
             .len()
             .max(crate::masking::MASK_MARKER_BASE64.len());
-        let mut window = std::mem::take(&mut self.tail);
-        window.extend_from_slice(chunk);
-        self.found = carries_marker(&window);
-        let keep = window.len().min(longest - 1);
-        self.tail = window[window.len() - keep..].to_vec();
+        // Only the seam needs a copy: the end of the last chunk and the start of this
+        // one; the chunk itself is searched where it lies.
+        let keep = longest - 1;
+        let mut seam = std::mem::take(&mut self.tail);
+        seam.extend_from_slice(&chunk[..chunk.len().min(keep)]);
+        self.found = carries_marker(&seam) || carries_marker(chunk);
+        // What the next seam starts with: the last `keep` bytes seen.
+        self.tail = if chunk.len() >= keep {
+            chunk[chunk.len() - keep..].to_vec()
+        } else {
+            seam[seam.len().saturating_sub(keep)..].to_vec()
+        };
         self.found
     }
 }
@@ -1250,5 +1257,27 @@ mod marker_tests {
             crate::masking::MASK_MARKER_BASE64.as_bytes()
         ));
         assert!(!carries_marker(b"*** masked by someone else ***"));
+    }
+}
+
+#[cfg(test)]
+mod marker_scan_tests {
+    use super::MarkerScan;
+
+    #[test]
+    fn a_marker_split_over_many_small_chunks_is_found() {
+        let body = format!(
+            r#"{{"data":{{"k":"{}"}}}}"#,
+            crate::masking::MASK_MARKER_BASE64
+        );
+        for size in 1..8 {
+            let mut scan = MarkerScan::default();
+            let found = body.as_bytes().chunks(size).any(|chunk| scan.push(chunk));
+            assert!(found, "chunks of {size}");
+        }
+        let mut scan = MarkerScan::default();
+        assert!(!br#"{"data":{"k":"c2VjcmV0"}}"#
+            .chunks(3)
+            .any(|chunk| scan.push(chunk)));
     }
 }

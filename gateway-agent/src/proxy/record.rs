@@ -31,6 +31,9 @@ use crate::recording::{
 /// What the handler learnt about one exchange, for its record.
 #[derive(Default)]
 pub struct Exchanged {
+    /// The verb, once classified (metrics label every request with it).
+    pub verb: String,
+    /// The whole classification, kept only when the session is recorded.
     pub info: Option<RequestInfo>,
     pub user: Option<crate::identity::UserInfo>,
     pub decision: Option<(Action, Option<String>, String)>,
@@ -40,7 +43,7 @@ pub struct Exchanged {
 
 impl Exchanged {
     pub fn verb(&self) -> &str {
-        self.info.as_ref().map_or("", |i| i.verb.as_str())
+        &self.verb
     }
 }
 

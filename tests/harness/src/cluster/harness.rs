@@ -646,7 +646,6 @@ impl RunningPod {
     /// Starts `kubectl exec` (admin kubeconfig) of `cmd` in the pod and streams its
     /// standard output.
     pub fn kubectl_exec_child(&self, cluster: &Cluster, cmd: &[&str]) -> Result<StreamingExec> {
-        use std::io::BufRead;
         let mut child = cluster
             .kubectl()
             .args(["exec", "-n", &self.namespace, &self.name, "--"])
@@ -657,31 +656,42 @@ impl RunningPod {
             .context("starting kubectl exec")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        let tx_err = tx.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Standard error is kept too (prefixed), so a failure shows why.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx_err.send(format!("stderr: {line}")).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(stdout, stderr);
         Ok(StreamingExec {
             child,
             lines,
             seen: Vec::new(),
         })
     }
+}
+
+/// The lines a child process writes, as they come: standard output as is, standard
+/// error prefixed `stderr: ` (so a failure shows why). The reader threads end with the
+/// process (end of file on its pipes) or when the receiver is dropped.
+pub fn line_channel(
+    stdout: impl std::io::Read + Send + 'static,
+    stderr: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, lines) = std::sync::mpsc::channel();
+    let tx_err = tx.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx_err.send(format!("stderr: {line}")).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
 
 /// Polls `check` every 100ms until it returns true or `timeout` passes.
