@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::approvals::config as approvals_config;
-use crate::config::Config;
+use crate::config::{Config, Serving};
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::discovery::{self, DiscoveryConfig, Enforcement, KernelMaps};
 use crate::identity::{CacheConfig, Identity, KubeTokenReviewer};
@@ -50,6 +50,8 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("trust ({0})")]
+    Trust(String),
     #[error("proxy listener {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -207,8 +209,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         });
     }
 
+    // The serving certificate, by trust mode (with injected-ca: Tollgate's CA, the
+    // pods' trust bundles and the admission webhook).
+    let serving = start_trust(&config, &client).await?;
+
     // Approvals: the store, the expiry sweep, the webhook, and the reviewers' API.
-    let approvals = start_approvals(&config, &client, &metrics).await?;
+    let approvals = start_approvals(&config, &client, &metrics, &serving).await?;
 
     // Session recording: one hash-chained file per enforced connection.
     let recorder = match config
@@ -256,10 +262,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     });
     let acceptor = Arc::new(Acceptor {
         gateway,
-        tls: TlsAcceptor::from(proxy::tls::server_config(
-            &config.tls_cert,
-            &config.tls_key,
-        )?),
+        tls: TlsAcceptor::from(serving.server_config()?),
         origins: Arc::new(datapath.clone()),
         directory,
         classify_timeout: config.classify_timeout,
@@ -306,6 +309,7 @@ async fn start_approvals(
     config: &Config,
     client: &kube::Client,
     metrics: &Metrics,
+    serving: &ServingTls,
 ) -> Result<Arc<ApprovalGate>, AppError> {
     let store = approvals_config::open_store(&config.approvals, client.clone())
         .await
@@ -343,7 +347,18 @@ async fn start_approvals(
     {
         api_state = api_state.with_sessions(recording.dir);
     }
-    let api_tls = config.api.tls_config(&config.tls_cert, &config.tls_key)?;
+    let api_tls = match serving {
+        ServingTls::Files { cert, key } => config.api.tls_config(cert, key)?,
+        // The REST API presents the agent's certificate unless it was given its own.
+        ServingTls::Injected(resolver)
+            if config.api.api_tls_cert.is_none() && config.api.api_tls_key.is_none() =>
+        {
+            proxy::tls::server_config_with_resolver(resolver.clone())?
+        }
+        ServingTls::Injected(_) => config
+            .api
+            .tls_config(std::path::Path::new(""), std::path::Path::new(""))?,
+    };
     let api_listener = TcpListener::bind(config.api.api_listen)
         .await
         .map_err(|source| AppError::ApiListen {
@@ -363,6 +378,104 @@ async fn start_approvals(
         on_created,
         metrics.clone(),
     )))
+}
+
+/// Where the agent's TLS listeners get their certificate.
+enum ServingTls {
+    /// `cluster-ca`: the files the operator issued.
+    Files {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+    },
+    /// `injected-ca`: issued from Tollgate's CA and replaced as it rotates.
+    Injected(Arc<crate::trust::serving::ServingCert>),
+}
+
+impl ServingTls {
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, AppError> {
+        Ok(match self {
+            ServingTls::Files { cert, key } => proxy::tls::server_config(cert, key)?,
+            ServingTls::Injected(resolver) => {
+                proxy::tls::server_config_with_resolver(resolver.clone())?
+            }
+        })
+    }
+}
+
+/// In `injected-ca` mode: loads or creates Tollgate's CA, issues the serving
+/// certificate and keeps it current, keeps the trust bundle in every enforced
+/// namespace and the webhook's caBundle current, and serves the admission webhook.
+async fn start_trust(config: &Config, client: &kube::Client) -> Result<ServingTls, AppError> {
+    let injected = match &config.serving {
+        Serving::Files { cert, key } => {
+            return Ok(ServingTls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+        }
+        Serving::InjectedCa(injected) => injected,
+    };
+    use crate::trust::{secret, serving};
+    let (trust, _keeper) = secret::start(
+        secret::CaSecret::new(
+            client.clone(),
+            &injected.ca_secret_namespace,
+            &injected.ca_secret_name,
+        ),
+        injected.lifetimes,
+    )
+    .await
+    .map_err(|e| AppError::Trust(e.to_string()))?;
+
+    // The API server's addresses as pods dial them (ClusterIP, endpoints), and the
+    // node's, where the REST API and the webhook are reached by address.
+    let mut addresses = api_server_addresses(client).await;
+    addresses.extend(config.proxy_addresses.iter().copied());
+    let sans = serving::serving_sans(
+        &injected.cluster_domain,
+        &addresses,
+        (
+            &injected.webhook_service_namespace,
+            &injected.webhook_service_name,
+        ),
+        &injected.serving_sans,
+    );
+    let material = trust.borrow().clone();
+    let cert = serving::ServingCert::new(&material, sans, injected.lifetimes.serving_validity)
+        .map_err(|e| AppError::Trust(e.to_string()))?;
+    tokio::spawn(cert.clone().keep_current(trust.clone()));
+    info!(
+        secret = %format!("{}/{}", injected.ca_secret_namespace, injected.ca_secret_name),
+        sans = ?cert.sans(),
+        "trust mode injected-ca: serving from Tollgate's CA"
+    );
+    Ok(ServingTls::Injected(cert))
+}
+
+/// The `kubernetes` Service's ClusterIPs and endpoint addresses, for the serving
+/// certificate; empty (logged) when they cannot be read.
+async fn api_server_addresses(client: &kube::Client) -> Vec<IpAddr> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let service = kube::Api::<Service>::namespaced(client.clone(), "default")
+        .get_opt("kubernetes")
+        .await;
+    let slices = kube::Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
+        .await;
+    let (service, slices) = match (service, slices) {
+        (Ok(service), Ok(slices)) => (service, slices.items),
+        (Err(err), _) | (_, Err(err)) => {
+            warn!(%err, "could not read the kubernetes Service; the serving certificate has only the --serving-san addresses");
+            return Vec::new();
+        }
+    };
+    let mut ips: Vec<IpAddr> = discovery::api_server_targets(service.as_ref(), slices.iter())
+        .into_iter()
+        .map(|target| target.ip())
+        .collect();
+    ips.dedup();
+    ips
 }
 
 async fn kube_client(config: &Config) -> Result<kube::Client, AppError> {

@@ -2,9 +2,9 @@
 //! (`main.rs` only calls [`main`]; the test suites build the same CLI as a binary of
 //! their own, so they always run the agent of the tree they test.)
 //!
-//! Subcommands: `run` (the daemon), `certs issue`, `policy check`, `doctor` and
-//! `datapath install|status|uninstall`. The reviewer commands (`approvals`, `sessions`)
-//! join here as their issues land.
+//! Subcommands: `run` (the daemon), `certs issue`, `trust status|rotate`, `policy
+//! check|rbac`, `doctor`, `datapath install|status|uninstall`, and the reviewer
+//! commands `approvals` and `sessions`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -50,6 +50,8 @@ enum Command {
     Approvals(crate::api::client::ApprovalsArgs),
     /// Recorded sessions: list, show, replay, verify, export.
     Sessions(crate::recording::cli::SessionsArgs),
+    /// Tollgate's own CA (trust mode injected-ca): status, rotate.
+    Trust(crate::trust::cli::TrustArgs),
     /// Manage the kernel data path by hand.
     Datapath {
         #[command(subcommand)]
@@ -279,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Approvals(args) => args.run(),
         Command::Sessions(args) => args.run(),
+        Command::Trust(args) => args.run(),
         Command::Datapath { command } => {
             match command {
                 DatapathCommand::Install(args) => install(args)?,

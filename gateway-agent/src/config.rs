@@ -29,7 +29,8 @@ pub struct RunArgs {
     /// [default: 15443].
     #[arg(long, env = "TOLLGATE_PROXY_PORT")]
     pub proxy_port: Option<u16>,
-    /// Serving certificate issued from the cluster CA (`certs issue`).
+    /// Serving certificate issued from the cluster CA (`certs issue`); trust mode
+    /// `cluster-ca` only.
     #[arg(long, env = "TOLLGATE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// Its private key.
@@ -92,6 +93,10 @@ pub struct RunArgs {
     /// Session recording (flags and environment only, not the YAML file).
     #[command(flatten)]
     pub recording: RecordingArgs,
+    /// How pods come to trust the proxy (flags and environment only, not the YAML
+    /// file).
+    #[command(flatten)]
+    pub trust: crate::trust::config::TrustArgs,
 }
 
 /// Where and how sessions are recorded (DESIGN §7). On by default: a proxy that holds
@@ -180,8 +185,8 @@ pub struct Config {
     pub node_name: String,
     pub proxy_addresses: Vec<IpAddr>,
     pub proxy_port: u16,
-    pub tls_cert: PathBuf,
-    pub tls_key: PathBuf,
+    /// Where the serving certificate comes from (the trust mode).
+    pub serving: Serving,
     pub cluster_ca: PathBuf,
     pub kubeconfig: Option<PathBuf>,
     pub policy: crate::policy::source::PolicySource,
@@ -197,6 +202,15 @@ pub struct Config {
     pub approvals: crate::approvals::config::ApprovalArgs,
     pub api: crate::api::ApiArgs,
     pub recording: RecordingArgs,
+}
+
+/// The proxy's serving certificate, by trust mode (docs/trust.md).
+#[derive(Debug, Clone)]
+pub enum Serving {
+    /// `cluster-ca`: files the operator issued from the cluster CA.
+    Files { cert: PathBuf, key: PathBuf },
+    /// `injected-ca`: issued by the agent from Tollgate's own CA.
+    InjectedCa(crate::trust::config::InjectedCa),
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 15443;
@@ -263,16 +277,28 @@ impl Config {
         if proxy_port == 0 {
             return Err(ConfigError::Invalid("the proxy port cannot be 0".into()));
         }
-        let tls_cert = args.tls_cert.or(file.tls_cert).ok_or(ConfigError::Missing(
-            "the serving certificate",
-            "tls-cert",
-            "tlsCert",
-        ))?;
-        let tls_key = args.tls_key.or(file.tls_key).ok_or(ConfigError::Missing(
-            "the serving key",
-            "tls-key",
-            "tlsKey",
-        ))?;
+        let tls_cert = args.tls_cert.or(file.tls_cert);
+        let tls_key = args.tls_key.or(file.tls_key);
+        let serving = match args.trust.validate().map_err(ConfigError::Invalid)? {
+            None => Serving::Files {
+                cert: tls_cert.ok_or(ConfigError::Missing(
+                    "the serving certificate",
+                    "tls-cert",
+                    "tlsCert",
+                ))?,
+                key: tls_key.ok_or(ConfigError::Missing("the serving key", "tls-key", "tlsKey"))?,
+            },
+            Some(injected) => {
+                if tls_cert.is_some() || tls_key.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "--tls-cert and --tls-key belong to --trust-mode cluster-ca; \
+                         injected-ca issues its own serving certificate from Tollgate's CA"
+                            .into(),
+                    ));
+                }
+                Serving::InjectedCa(injected)
+            }
+        };
         let cluster_ca = args
             .cluster_ca
             .or(file.cluster_ca)
@@ -332,8 +358,7 @@ impl Config {
             node_name,
             proxy_addresses,
             proxy_port,
-            tls_cert,
-            tls_key,
+            serving,
             cluster_ca,
             kubeconfig: args.kubeconfig.or(file.kubeconfig),
             policy,
@@ -458,6 +483,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("namespace/name"), "{err}");
+    }
+
+    #[test]
+    fn trust_modes_take_their_own_certificates() {
+        let config = Config::load(args(), || Some("/x".into())).unwrap();
+        assert!(matches!(config.serving, Serving::Files { .. }));
+        let mut a = args();
+        a.trust.trust_mode = crate::trust::config::TrustMode::InjectedCa;
+        let err = Config::load(a.clone(), || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        a.tls_cert = None;
+        a.tls_key = None;
+        let config = Config::load(a.clone(), || Some("/x".into())).unwrap();
+        let Serving::InjectedCa(injected) = config.serving else {
+            panic!("injected-ca expected");
+        };
+        assert_eq!(injected.ca_secret_namespace, "tollgate-system");
+        assert_eq!(injected.ca_secret_name, "tollgate-ca");
+        a.trust.ca_secret = "no-namespace".into();
+        let err = Config::load(a.clone(), || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespace/name"), "{err}");
+        a.trust.ca_secret = "tollgate-system/tollgate-ca".into();
+        a.trust.ca_propagation = Duration::from_secs(200 * 86_400);
+        let err = Config::load(a, || Some("/x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--ca-propagation"), "{err}");
     }
 
     #[test]

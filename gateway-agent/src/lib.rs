@@ -11,7 +11,8 @@
 //!   reviewers' REST API and CLI.
 //! - [`recording`]: sessions as hash-chained JSON lines.
 //! - [`status`]: every error a client sees, as a `metav1.Status`.
-//! - [`certs`]: the serving certificate from the cluster CA.
+//! - [`certs`]: the serving certificate from the cluster CA; [`trust`]: the trust modes,
+//!   Tollgate's own CA, the admission webhook that injects it (managed clusters).
 //! - [`config`], [`readiness`], [`metrics`], [`admin`]: the daemon's frame.
 //! - [`doctor`]: can this node run the data path?
 
@@ -33,3 +34,4 @@ pub mod proxy;
 pub mod readiness;
 pub mod recording;
 pub mod status;
+pub mod trust;

@@ -1,6 +1,7 @@
 //! TLS on both sides of the proxy: the serving side presents the certificate issued
-//! from the cluster CA (`certs issue`) with ALPN h2 and http/1.1; the upstream side
-//! verifies the real API server against the cluster CA.
+//! from the cluster CA (`certs issue`) or, in trust mode `injected-ca`, the one the
+//! agent issues from Tollgate's CA (`trust::serving`), with ALPN h2 and http/1.1; the
+//! upstream side verifies the real API server against the cluster CA.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,20 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The serving side with a certificate that changes (trust mode `injected-ca`): each
+/// handshake asks `resolver` for the certificate of the moment.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
