@@ -444,9 +444,43 @@ async fn start_trust(config: &Config, client: &kube::Client) -> Result<ServingTl
     let cert = serving::ServingCert::new(&material, sans, injected.lifetimes.serving_validity)
         .map_err(|e| AppError::Trust(e.to_string()))?;
     tokio::spawn(cert.clone().keep_current(trust.clone()));
+
+    // The pods' side: a bundle (the cluster CA and Tollgate's) in every enforced
+    // namespace, the webhook's caBundle, and the webhook that points pods at the bundle.
+    use crate::trust::{bundle, webhook};
+    let cluster_ca_pem = std::fs::read_to_string(&config.cluster_ca).map_err(|e| {
+        AppError::Trust(format!(
+            "reading the cluster CA {}: {e}",
+            config.cluster_ca.display()
+        ))
+    })?;
+    let bundles = bundle::TrustBundles::new(
+        client.clone(),
+        injected.trust_bundle_configmap.clone(),
+        cluster_ca_pem,
+        trust.clone(),
+    );
+    tokio::spawn(bundles.clone().run());
+    tokio::spawn(bundle::keep_webhook_ca_bundle(
+        client.clone(),
+        injected.webhook_configuration.clone(),
+        trust.clone(),
+    ));
+    let listener = TcpListener::bind(injected.webhook_listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: injected.webhook_listen,
+            source,
+        })?;
+    tokio::spawn(webhook::serve(
+        listener,
+        proxy::tls::server_config_with_resolver(cert.clone())?,
+        Arc::new(webhook::WebhookState::new(bundles, client.clone())),
+    ));
     info!(
         secret = %format!("{}/{}", injected.ca_secret_namespace, injected.ca_secret_name),
         sans = ?cert.sans(),
+        webhook = %injected.webhook_listen,
         "trust mode injected-ca: serving from Tollgate's CA"
     );
     Ok(ServingTls::Injected(cert))

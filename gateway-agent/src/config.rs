@@ -210,7 +210,7 @@ pub enum Serving {
     /// `cluster-ca`: files the operator issued from the cluster CA.
     Files { cert: PathBuf, key: PathBuf },
     /// `injected-ca`: issued by the agent from Tollgate's own CA.
-    InjectedCa(crate::trust::config::InjectedCa),
+    InjectedCa(Box<crate::trust::config::InjectedCa>),
 }
 
 pub const DEFAULT_PROXY_PORT: u16 = 15443;
@@ -296,7 +296,7 @@ impl Config {
                             .into(),
                     ));
                 }
-                Serving::InjectedCa(injected)
+                Serving::InjectedCa(Box::new(injected))
             }
         };
         let cluster_ca = args

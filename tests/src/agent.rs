@@ -25,6 +25,8 @@ pub const PROXY_PORT: u16 = 15443;
 pub const ADMIN_PORT: u16 = 15090;
 /// The reviewers' REST API (TLS, on the node's address).
 pub const API_PORT: u16 = 15444;
+/// The admission webhook (trust mode `injected-ca`; TLS, on the node's address).
+pub const WEBHOOK_PORT: u16 = 15445;
 
 /// How to start an agent.
 #[derive(Debug, Clone)]
@@ -50,6 +52,10 @@ pub struct AgentOptions {
     pub extra_args: Vec<String>,
     /// Adopt the pins under this bpffs directory (a restart) instead of a new one.
     pub bpffs: Option<PathBuf>,
+    /// Trust mode `injected-ca` (Tollgate's own CA, the admission webhook on
+    /// `<node address>:WEBHOOK_PORT`) instead of a serving certificate issued from the
+    /// cluster CA.
+    pub injected_ca: bool,
 }
 
 impl AgentOptions {
@@ -64,6 +70,7 @@ impl AgentOptions {
             state_dir: None,
             extra_args: Vec::new(),
             bpffs: None,
+            injected_ca: false,
         }
     }
 }
@@ -130,23 +137,39 @@ impl RunningAgent {
             ),
         )?;
 
-        // The serving certificate, from the cluster CA, as an operator would issue it.
+        // The serving certificate, from the cluster CA, as an operator would issue it
+        // (trust mode cluster-ca); in injected-ca mode the agent issues its own.
         let tls = dir.join("tls");
-        run(Command::new(&options.bin).args([
-            "certs",
-            "issue",
-            "--ca-cert",
-            pki.join("ca.crt").to_str().context("path")?,
-            "--ca-key",
-            pki.join("ca.key").to_str().context("path")?,
-            "--out",
-            tls.to_str().context("path")?,
-            "--extra-san",
-            &API_SERVER_IP.to_string(),
-            // The REST API is reached on the node's address.
-            "--extra-san",
-            &node.ip.to_string(),
-        ]))?;
+        let serving_args: Vec<std::ffi::OsString> = if options.injected_ca {
+            vec![
+                "--trust-mode".into(),
+                "injected-ca".into(),
+                "--webhook-listen".into(),
+                format!("{}:{WEBHOOK_PORT}", node.ip).into(),
+            ]
+        } else {
+            run(Command::new(&options.bin).args([
+                "certs",
+                "issue",
+                "--ca-cert",
+                pki.join("ca.crt").to_str().context("path")?,
+                "--ca-key",
+                pki.join("ca.key").to_str().context("path")?,
+                "--out",
+                tls.to_str().context("path")?,
+                "--extra-san",
+                &API_SERVER_IP.to_string(),
+                // The REST API is reached on the node's address.
+                "--extra-san",
+                &node.ip.to_string(),
+            ]))?;
+            vec![
+                "--tls-cert".into(),
+                tls.join("tls.crt").into(),
+                "--tls-key".into(),
+                tls.join("tls.key").into(),
+            ]
+        };
 
         let policy_file = dir.join("policy.yaml");
         fs::write(&policy_file, &options.policy)?;
@@ -172,10 +195,7 @@ impl RunningAgent {
             // The node's address: pods reach it through their default route.
             .args(["--proxy-address", &node.ip.to_string()])
             .args(["--proxy-port", &PROXY_PORT.to_string()])
-            .arg("--tls-cert")
-            .arg(tls.join("tls.crt"))
-            .arg("--tls-key")
-            .arg(tls.join("tls.key"))
+            .args(&serving_args)
             .arg("--cluster-ca")
             .arg(pki.join("ca.crt"))
             .arg("--kubeconfig")

@@ -100,6 +100,13 @@ pub const SUITES: &[Suite] = &[
         harness_args: &["--test-threads=1"],
     },
     Suite {
+        name: "trust",
+        about: "trust mode injected-ca: the admission webhook called by the real API server over TLS, enforced pods' projected CA bundle and their unmodified kubectl through Tollgate, pods not enforced untouched, a webhook outage, a CA rotation under a live watch (root)",
+        cargo_args: &["--package", "tollgate-tests", "--test", "trust"],
+        // One agent on node 1, and the one webhook configuration: tests take turns.
+        harness_args: &["--test-threads=1"],
+    },
+    Suite {
         name: "deploy",
         about: "deploy/ against the real API server: every object of the kustomize base accepted (server-side dry-run), the agent's Pod admitted, the default policy checked, the agent's and reviewers' RBAC by can-i, the DaemonSet's privileges, the Dockerfile's toolchain (root)",
         cargo_args: &["--package", "tollgate-tests", "--test", "deploy"],
