@@ -1,5 +1,6 @@
-//! The local control plane: etcd, kube-apiserver and one simulated kubelet per node,
-//! built from their Go modules (tests/go) and started inside a long-lived topology.
+//! The local control plane: etcd, kube-apiserver, kube-controller-manager (only its
+//! root-ca-cert-publisher loop) and one simulated kubelet per node, built from their Go
+//! modules (tests/go) and started inside a long-lived topology.
 //!
 //! `up` is the one code path for `cargo xtask cluster up` and for `Cluster::shared()` in
 //! tests: build what the binary cache lacks, reuse a healthy cluster, otherwise start one
@@ -8,7 +9,8 @@
 //! Where things live:
 //! - binaries: `${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/bin/<name>-<version>-<srchash>`
 //! - state: `${TOLLGATE_STATE:-/run/tollgate/cluster}`: `pki/`, `etcd/`, `logs/`,
-//!   `pids/`, `nodes/<node>/` (simkubelet pod files), `admin.kubeconfig`.
+//!   `pids/`, `nodes/<node>/` (simkubelet pod files), `admin.kubeconfig`,
+//!   `controller-manager.kubeconfig`.
 //!
 //! Network safety: etcd listens on 127.0.0.1 and the API server on 10.77.0.10 inside
 //! the control-plane namespace; the machine reaches the API server only through
@@ -141,14 +143,17 @@ pub fn node_cgroup_root(node: &NodeInfo) -> Result<PathBuf> {
 }
 
 /// Bumped when the layout `start` makes changes, so `up` restarts a cluster made by an
-/// older layout instead of reusing it. (2: per-node cgroup roots.)
-const LAYOUT_VERSION: u32 = 2;
+/// older layout instead of reusing it. (2: per-node cgroup roots; 3: the controller
+/// manager's root-ca-cert-publisher.)
+const LAYOUT_VERSION: u32 = 3;
 
 /// The built binaries `up` runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub etcd: PathBuf,
     pub apiserver: PathBuf,
+    /// kube-controller-manager, run with the root-ca-cert-publisher controller only.
+    pub controller_manager: PathBuf,
     pub simkubelet: PathBuf,
     pub nsforward: PathBuf,
     /// A client-go program the suites run inside pods (what a Go controller sees).
@@ -160,8 +165,8 @@ impl Binaries {
     /// it: a new build of one must not restart the cluster).
     fn running(&self) -> String {
         format!(
-            "Binaries {{ etcd: {:?}, apiserver: {:?}, simkubelet: {:?}, nsforward: {:?} }}",
-            self.etcd, self.apiserver, self.simkubelet, self.nsforward
+            "Binaries {{ etcd: {:?}, apiserver: {:?}, controller_manager: {:?}, simkubelet: {:?}, nsforward: {:?} }}",
+            self.etcd, self.apiserver, self.controller_manager, self.simkubelet, self.nsforward
         )
     }
 }
@@ -226,7 +231,7 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
     );
     // (name, version, package, source files, ldflags, module directory)
     type Target<'a> = (&'a str, &'a str, PathBuf, Vec<PathBuf>, String, &'a Path);
-    let targets: [Target; 5] = [
+    let targets: [Target; 6] = [
         (
             "etcd",
             ETCD_VERSION,
@@ -240,6 +245,14 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
             KUBERNETES_VERSION,
             PathBuf::from("./cmd/kube-apiserver"),
             with(kube_mod.clone(), &kube.join("cmd/kube-apiserver"))?,
+            version_ldflags.clone(),
+            &kube,
+        ),
+        (
+            "kube-controller-manager",
+            KUBERNETES_VERSION,
+            PathBuf::from("./cmd/kube-controller-manager"),
+            with(kube_mod.clone(), &kube.join("cmd/kube-controller-manager"))?,
             version_ldflags.clone(),
             &kube,
         ),
@@ -313,9 +326,10 @@ pub fn ensure_binaries(layout: &Layout) -> Result<Binaries> {
     Ok(Binaries {
         etcd: paths[0].clone(),
         apiserver: paths[1].clone(),
-        simkubelet: paths[2].clone(),
-        nsforward: paths[3].clone(),
-        tgclient: paths[4].clone(),
+        controller_manager: paths[2].clone(),
+        simkubelet: paths[3].clone(),
+        nsforward: paths[4].clone(),
+        tgclient: paths[5].clone(),
     })
 }
 
@@ -434,6 +448,16 @@ fn generate_pki(layout: &Layout) -> Result<()> {
         &pki,
         "apiserver-kubelet-client",
         "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client",
+        &[],
+        "clientAuth",
+    )?;
+    // As kubeadm's: the controller manager's own identity, which the bootstrap RBAC
+    // binds to system:kube-controller-manager; with --use-service-account-credentials
+    // each controller then acts as its own service account in kube-system.
+    issue_cert(
+        &pki,
+        "controller-manager",
+        "/CN=system:kube-controller-manager",
         &[],
         "clientAuth",
     )?;
@@ -567,6 +591,7 @@ pub fn process_names() -> Vec<String> {
     let mut names = vec![
         "etcd".to_owned(),
         "kube-apiserver".to_owned(),
+        "kube-controller-manager".to_owned(),
         "nsforward".to_owned(),
     ];
     names.extend(
@@ -588,6 +613,10 @@ pub fn processes(layout: &Layout) -> Vec<(String, Option<u32>, bool)> {
         })
         .collect()
 }
+
+/// The ConfigMap the controller manager's root-ca-cert-publisher keeps in every
+/// namespace, here the `default` one's.
+const ROOT_CA_CONFIGMAP: &str = "/api/v1/namespaces/default/configmaps/kube-root-ca.crt";
 
 /// GETs `path` from the API server through the loopback forwarder with the admin
 /// certificate (curl). Returns the body on HTTP 200.
@@ -613,10 +642,12 @@ pub fn api_get(layout: &Layout, path: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// True when every process runs and `/readyz` answers ok.
+/// True when every process runs, `/readyz` answers ok, the controller manager has
+/// published the cluster CA (`kube-root-ca.crt` in `default`) and the nodes are Ready.
 pub fn healthy(layout: &Layout) -> bool {
     processes(layout).iter().all(|(_, _, alive)| *alive)
         && api_get(layout, "/readyz").is_ok_and(|body| body.trim() == "ok")
+        && api_get(layout, ROOT_CA_CONFIGMAP).is_ok()
         && nodes().iter().all(|n| {
             api_get(layout, &format!("/api/v1/nodes/{}", n.name))
                 .is_ok_and(|body| body.contains("\"KubeletReady\""))
@@ -855,6 +886,51 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
         if !read_pid(layout, name).is_some_and(pid_alive) {
             bail!("{name} exited during start");
         }
+    }
+
+    // kube-controller-manager with one controller: root-ca-cert-publisher, which gives
+    // every namespace the `kube-root-ca.crt` ConfigMap that a pod's projected
+    // service-account volume takes its ca.crt from. No other loop runs (the harness
+    // removes namespaces itself, see `Cluster::remove_namespace`).
+    let cm_kubeconfig = layout.state.join("controller-manager.kubeconfig");
+    fs::write(
+        &cm_kubeconfig,
+        kubeconfig(
+            &format!("https://{API_SERVER_IP}:{API_SERVER_PORT}"),
+            &pki.join("ca.crt"),
+            &pki.join("controller-manager.crt"),
+            &pki.join("controller-manager.key"),
+            "system:kube-controller-manager",
+        ),
+    )?;
+    spawn(
+        layout,
+        "kube-controller-manager",
+        Some(&cp),
+        &bins.controller_manager,
+        &[
+            // No --authentication/authorization-kubeconfig: nothing calls its port, and
+            // delegated authentication would look for a front-proxy CA this API server
+            // does not have (an error every 20 s in its log).
+            format!("--kubeconfig={}", cm_kubeconfig.display()),
+            "--controllers=root-ca-cert-publisher".into(),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=true".into(),
+            format!("--root-ca-file={}", pk("ca.crt")),
+            "--bind-address=127.0.0.1".into(),
+            "--profiling=false".into(),
+        ],
+    )?;
+    wait_for(
+        "the controller manager to publish kube-root-ca.crt",
+        Duration::from_secs(60),
+        || {
+            api_get(layout, ROOT_CA_CONFIGMAP).is_ok()
+                || !read_pid(layout, "kube-controller-manager").is_some_and(pid_alive)
+        },
+    )?;
+    if !read_pid(layout, "kube-controller-manager").is_some_and(pid_alive) {
+        bail!("kube-controller-manager exited during start");
     }
 
     for node in nodes() {

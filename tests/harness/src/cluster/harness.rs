@@ -97,11 +97,19 @@ impl Cluster {
         }
     }
 
-    /// Removes a test namespace for good. Without a controller-manager nobody empties a
-    /// deleted namespace and lifts its `kubernetes` finalizer, so it would stay
-    /// Terminating for ever (and every later test process would try again): its objects
-    /// are deleted here, then the finalizer is lifted through `/finalize`.
+    /// Removes a test namespace for good. The controller manager runs without its
+    /// namespace controller, so nobody empties a deleted namespace and lifts its
+    /// `kubernetes` finalizer, and it would stay Terminating for ever (and every later
+    /// test process would try again): the namespace is deleted (Terminating: the
+    /// root-ca-cert-publisher can no longer recreate `kube-root-ca.crt` in it), its
+    /// objects are deleted here, then the finalizer is lifted through `/finalize`.
     pub fn remove_namespace(&self, name: &str) {
+        let _ = self
+            .kubectl()
+            .args(["delete", "namespace", name, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let kinds = "configmaps,secrets,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps";
         let _ = self
             .kubectl()
@@ -120,12 +128,6 @@ impl Cluster {
                 name,
                 "--wait=false",
             ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = self
-            .kubectl()
-            .args(["delete", "namespace", name, "--wait=false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -222,7 +224,8 @@ impl Cluster {
     }
 
     /// A fresh namespace `<prefix>-<random>` with its `default` ServiceAccount (made
-    /// here: no controller-manager runs). Removed, with its pods, when dropped.
+    /// here: the controller manager runs no serviceaccount controller). Removed, with
+    /// its pods, when dropped.
     pub async fn namespace(&'static self, prefix: &str) -> Result<TestNamespace> {
         let name = format!("{prefix}-{}", &crate::topology::random_hex(3));
         let client = self.client().await?;
