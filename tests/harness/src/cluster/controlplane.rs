@@ -9,7 +9,8 @@
 //! Where things live:
 //! - binaries: `${TOLLGATE_CACHE:-$HOME/.cache/tollgate}/bin/<name>-<version>-<srchash>`
 //! - state: `${TOLLGATE_STATE:-/run/tollgate/cluster}`: `pki/`, `etcd/`, `logs/`,
-//!   `pids/`, `nodes/<node>/` (simkubelet pod files), `admin.kubeconfig`,
+//!   `pids/`, `nodes/<node>/` (simkubelet: `pods/<uid>/` with the container log and
+//!   `volumes/<plugin>/<volume>/`, laid out as kubelet's), `admin.kubeconfig`,
 //!   `controller-manager.kubeconfig`.
 //!
 //! Network safety: etcd listens on 127.0.0.1 and the API server on 10.77.0.10 inside
@@ -144,8 +145,13 @@ pub fn node_cgroup_root(node: &NodeInfo) -> Result<PathBuf> {
 
 /// Bumped when the layout `start` makes changes, so `up` restarts a cluster made by an
 /// older layout instead of reusing it. (2: per-node cgroup roots; 3: the controller
-/// manager's root-ca-cert-publisher.)
+/// manager's root-ca-cert-publisher, projected volumes re-synced every 2 s.)
 const LAYOUT_VERSION: u32 = 3;
+
+/// How often simkubelet projects a running pod's volumes again (kubelet's
+/// `--sync-frequency`, 1 min by default): short, so a test sees a changed ConfigMap in
+/// the pod within seconds.
+pub const SYNC_FREQUENCY: &str = "2s";
 
 /// The built binaries `up` runs.
 #[derive(Debug, Clone)]
@@ -998,8 +1004,8 @@ fn start(layout: &Layout, bins: &Binaries) -> Result<()> {
                     pk(&format!("{}-kubelet.key", node.name))
                 ),
                 format!("--client-ca-file={}", pk("ca.crt")),
-                format!("--cluster-ca-file={}", pk("ca.crt")),
                 format!("--kubelet-version={KUBERNETES_VERSION}"),
+                format!("--sync-frequency={SYNC_FREQUENCY}"),
             ],
         )?;
     }
@@ -1053,8 +1059,8 @@ fn stop(layout: &Layout) {
     // them (pod namespaces are named tgc-n<k>-p<n>-<pod>, so they go too).
     topology::remove_by_id(CLUSTER_ID);
     let _ = fs::remove_dir_all(&layout.state);
-    // The empty mount point simkubelet made for service-account files (rmdir only
-    // removes directories that are empty).
+    // The empty mount point simkubelet made for the service-account volume (rmdir
+    // only removes directories that are empty).
     for dir in [
         "/run/secrets/kubernetes.io/serviceaccount",
         "/run/secrets/kubernetes.io",

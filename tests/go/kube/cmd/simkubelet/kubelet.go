@@ -14,7 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -24,10 +23,9 @@ import (
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
 )
-
-const saMountPath = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 // pod is one running sandbox and its single container.
 type pod struct {
@@ -42,8 +40,14 @@ type pod struct {
 	containerID string
 	container   string
 	env         []string
-	dir         string // state: logs and service-account files
+	dir         string // state: logs and volumes
 	logPath     string
+	volumes     []*podVolume
+	mounts      []bindMount
+	latest      *corev1.Pod     // the newest version the informer delivered
+	ctx         context.Context // ends when the pod is removed
+	cancel      context.CancelFunc
+	volMu       sync.Mutex // held while volume files are written or removed
 	cmd         *exec.Cmd
 	stdin       *os.File // write end of the container's stdin (for attach), or nil
 	done        chan struct{}
@@ -53,9 +57,9 @@ type pod struct {
 }
 
 type kubelet struct {
-	cfg    config
-	client kubernetes.Interface
-	caPEM  []byte
+	cfg      config
+	client   kubernetes.Interface
+	recorder record.EventRecorder
 
 	mu     sync.Mutex
 	pods   map[types.UID]*pod
@@ -63,14 +67,14 @@ type kubelet struct {
 	usedNs map[int]bool
 }
 
-func newKubelet(cfg config, client kubernetes.Interface, caPEM []byte) *kubelet {
+func newKubelet(cfg config, client kubernetes.Interface, recorder record.EventRecorder) *kubelet {
 	return &kubelet{
-		cfg:    cfg,
-		client: client,
-		caPEM:  caPEM,
-		pods:   map[types.UID]*pod{},
-		byCtr:  map[string]*pod{},
-		usedNs: map[int]bool{},
+		cfg:      cfg,
+		client:   client,
+		recorder: recorder,
+		pods:     map[types.UID]*pod{},
+		byCtr:    map[string]*pod{},
+		usedNs:   map[int]bool{},
 	}
 }
 
@@ -221,6 +225,9 @@ func (k *kubelet) watchPods(ctx context.Context) {
 func (k *kubelet) sync(ctx context.Context, p *corev1.Pod) {
 	k.mu.Lock()
 	running, known := k.pods[p.UID]
+	if known {
+		running.latest = p
+	}
 	k.mu.Unlock()
 	if p.DeletionTimestamp != nil {
 		if known && !running.removed {
@@ -242,11 +249,19 @@ func (k *kubelet) sync(ctx context.Context, p *corev1.Pod) {
 		k.mu.Unlock()
 		return
 	}
-	placeholder := &pod{uid: p.UID, namespace: p.Namespace, name: p.Name, done: make(chan struct{})}
+	podCtx, cancel := context.WithCancel(ctx)
+	placeholder := &pod{
+		uid: p.UID, namespace: p.Namespace, name: p.Name, done: make(chan struct{}),
+		dir:    filepath.Join(k.cfg.stateDir, "pods", string(p.UID)),
+		latest: p, ctx: podCtx, cancel: cancel,
+	}
 	k.pods[p.UID] = placeholder
 	k.mu.Unlock()
 	go func() {
-		if err := k.startPod(ctx, p, placeholder); err != nil {
+		if err := k.startPod(podCtx, p, placeholder); err != nil {
+			if podCtx.Err() != nil {
+				return // removed meanwhile
+			}
 			log.Printf("pod %s/%s: %v", p.Namespace, p.Name, err)
 			k.reportFailure(ctx, p, err)
 		}
@@ -370,6 +385,17 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	if len(command) == 0 {
 		return fmt.Errorf("container %s has no command: simulated pods run host binaries", c.Name)
 	}
+	// Volumes first: as kubelet, no sandbox until every volume is set up (the pod
+	// waits in ContainerCreating meanwhile).
+	volumes, mounts, err := podVolumes(p, pd.dir)
+	if err != nil {
+		return err
+	}
+	pd.volumes, pd.mounts = volumes, mounts
+	if err := k.mountVolumes(ctx, p, pd); err != nil {
+		return err
+	}
+	p = pd.current(k, p)
 	n, err := k.allocate()
 	if err != nil {
 		return err
@@ -389,7 +415,6 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	}
 	pd.podCgroup = filepath.Join(k.cfg.cgroupRoot, podCgroupRel(k.cfg.cgroupDriver, qos, string(p.UID)))
 	pd.ctrCgroup = filepath.Join(pd.podCgroup, containerCgroupName(k.cfg.cgroupDriver, pd.containerID))
-	pd.dir = filepath.Join(k.cfg.stateDir, "pods", string(p.UID))
 	pd.logPath = filepath.Join(pd.dir, c.Name+".log")
 
 	if err := os.MkdirAll(pd.ctrCgroup, 0o755); err != nil {
@@ -401,17 +426,11 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	if err := os.MkdirAll(filepath.Join(pd.dir, "home"), 0o755); err != nil {
 		return err
 	}
-	saDir := filepath.Join(pd.dir, "serviceaccount")
-	if err := os.MkdirAll(saDir, 0o755); err != nil {
-		return err
-	}
-	mountSA := p.Spec.AutomountServiceAccountToken == nil || *p.Spec.AutomountServiceAccountToken
-	if mountSA {
-		if err := k.writeServiceAccountFiles(ctx, p, saDir); err != nil {
-			return fmt.Errorf("service account token: %w", err)
-		}
-		if err := os.MkdirAll(saMountPath, 0o755); err != nil {
-			return err
+	// The mount points: the container has no root of its own, so they are made on
+	// the host (an empty directory, e.g. /var/run/secrets/kubernetes.io/serviceaccount).
+	for _, m := range pd.mounts {
+		if err := os.MkdirAll(m.dst, 0o755); err != nil {
+			return fmt.Errorf("mount point %s: %w", m.dst, err)
 		}
 	}
 
@@ -466,22 +485,24 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 	defer syscall.Close(cgroupFD)
 
 	// nsenter joins the pod's network namespace, unshare makes a private mount
-	// namespace in which the service-account files are bind-mounted; both exec in place,
-	// so the container's pid is the command's pid. The process starts inside the
-	// container cgroup (clone3 CLONE_INTO_CGROUP).
-	script := `set -e; if [ -n "$TG_SA_DIR" ]; then mount --bind "$TG_SA_DIR" ` + saMountPath + `; mount -o remount,bind,ro ` + saMountPath + `; fi; cd "$TG_WORKDIR"; unset TG_SA_DIR TG_WORKDIR; exec "$@"`
-	args := []string{"--net=/run/netns/" + pd.netns, "--", "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh"}
+	// namespace in which each volume directory is bind-mounted read-only at its mount
+	// path (the script's arguments: the number of mounts, then source and target of
+	// each, then the command); both exec in place, so the container's pid is the
+	// command's pid. The process starts inside the container cgroup (clone3
+	// CLONE_INTO_CGROUP). The mounts are of the volume directories, so a later `..data`
+	// swap inside one is what the container sees.
+	script := `set -e; n=$1; shift; while [ "$n" -gt 0 ]; do mount --bind "$1" "$2"; mount -o remount,bind,ro "$2"; shift 2; n=$((n-1)); done; cd "$TG_WORKDIR"; unset TG_WORKDIR; exec "$@"`
+	args := []string{"--net=/run/netns/" + pd.netns, "--", "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", fmt.Sprint(len(pd.mounts))}
+	for _, m := range pd.mounts {
+		args = append(args, m.src, m.dst)
+	}
 	args = append(args, command...)
 	cmd := exec.Command("nsenter", args...)
-	saEnv := ""
-	if mountSA {
-		saEnv = saDir
-	}
 	workdir := c.WorkingDir
 	if workdir == "" {
 		workdir = "/"
 	}
-	cmd.Env = append(append([]string{}, env...), "TG_SA_DIR="+saEnv, "TG_WORKDIR="+workdir)
+	cmd.Env = append(append([]string{}, env...), "TG_WORKDIR="+workdir)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	if c.Stdin {
@@ -509,6 +530,7 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 		return nil
 	}
 	k.patchStatus(ctx, p, pd, nil)
+	go k.resyncVolumes(ctx, p, pd)
 	go func() {
 		err := cmd.Wait()
 		code := 0
@@ -532,36 +554,6 @@ func (k *kubelet) startPod(ctx context.Context, p *corev1.Pod, pd *pod) error {
 			k.patchStatus(ctx, p, pd, &code)
 		}
 	}()
-	return nil
-}
-
-func (k *kubelet) writeServiceAccountFiles(ctx context.Context, p *corev1.Pod, dir string) error {
-	sa := p.Spec.ServiceAccountName
-	if sa == "" {
-		sa = "default"
-	}
-	expiration := int64(3607)
-	tr, err := k.client.CoreV1().ServiceAccounts(p.Namespace).CreateToken(ctx, sa, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{
-			ExpirationSeconds: &expiration,
-			BoundObjectRef: &authenticationv1.BoundObjectReference{
-				Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID,
-			},
-		},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		return err
-	}
-	files := map[string][]byte{
-		"token":     []byte(tr.Status.Token),
-		"ca.crt":    k.caPEM,
-		"namespace": []byte(p.Namespace),
-	}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
-			return err
-		}
-	}
 	return nil
 }
 
@@ -637,6 +629,46 @@ func (k *kubelet) patchStatus(ctx context.Context, p *corev1.Pod, pd *pod, exitC
 	}
 }
 
+// patchPending reports the pod as kubelet does while its volumes cannot be set up:
+// Pending, its container waiting in ContainerCreating, not ready.
+func (k *kubelet) patchPending(ctx context.Context, p *corev1.Pod) {
+	now := metav1.Now()
+	c := p.Spec.Containers[0]
+	for attempt := 0; attempt < 5; attempt++ {
+		current, err := k.client.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil || current.UID != p.UID {
+			return
+		}
+		current.Status = corev1.PodStatus{
+			Phase:     corev1.PodPending,
+			HostIP:    k.cfg.nodeIP,
+			HostIPs:   []corev1.HostIP{{IP: k.cfg.nodeIP}},
+			QOSClass:  current.Status.QOSClass,
+			StartTime: &now,
+			Conditions: []corev1.PodCondition{
+				{Type: corev1.PodReadyToStartContainers, Status: corev1.ConditionFalse, LastTransitionTime: now},
+				{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
+				{Type: corev1.PodReady, Status: corev1.ConditionFalse, LastTransitionTime: now, Reason: "ContainersNotReady", Message: "containers with unready status: [" + c.Name + "]"},
+				{Type: corev1.ContainersReady, Status: corev1.ConditionFalse, LastTransitionTime: now, Reason: "ContainersNotReady", Message: "containers with unready status: [" + c.Name + "]"},
+				{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			},
+			ContainerStatuses: []corev1.ContainerStatus{{
+				Name:    c.Name,
+				State:   corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ContainerCreating"}},
+				Image:   c.Image,
+				Started: ptr.To(false),
+			}},
+		}
+		_, err = k.client.CoreV1().Pods(p.Namespace).UpdateStatus(ctx, current, metav1.UpdateOptions{})
+		if err == nil || !apierrors.IsConflict(err) {
+			if err != nil {
+				log.Printf("pod %s/%s: status: %v", p.Namespace, p.Name, err)
+			}
+			return
+		}
+	}
+}
+
 func (k *kubelet) reportFailure(ctx context.Context, p *corev1.Pod, cause error) {
 	current, err := k.client.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
 	if err != nil || current.UID != p.UID {
@@ -660,11 +692,11 @@ func (k *kubelet) removePod(uid types.UID) {
 		return
 	}
 	pd.removed = true
-	started := pd.cmd != nil
 	k.mu.Unlock()
-	if started || pd.netns != "" {
-		k.teardown(pd)
+	if pd.cancel != nil {
+		pd.cancel() // ends a wait for volumes and the resync
 	}
+	k.teardown(pd)
 	k.mu.Lock()
 	delete(k.pods, uid)
 	delete(k.byCtr, pd.containerID)
@@ -694,7 +726,9 @@ func (k *kubelet) teardown(pd *pod) {
 		}
 	}
 	if pd.dir != "" {
+		pd.volMu.Lock()
 		_ = os.RemoveAll(pd.dir)
+		pd.volMu.Unlock()
 	}
 	log.Printf("pod %s/%s: removed", pd.namespace, pd.name)
 }

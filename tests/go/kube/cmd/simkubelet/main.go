@@ -3,11 +3,24 @@
 // One process per node, running inside the node's network namespace. It registers the
 // Node object, watches the Pods bound to it, and for each one builds a sandbox the way a
 // kubelet + CNI + containerd would (network namespace, veth, addresses, kubelet's cgroup
-// layout for the node's cgroup driver and the pod's QoS class, a mount namespace with the
-// projected service-account files), runs spec.containers[0]'s command as a host process
-// inside them, and reports the Pod status. It serves the kubelet API the API server calls
-// (containerLogs, exec, attach, portForward) over TLS with client-certificate auth, on
-// the kubelet's own CRI streaming library (k8s.io/kubelet/pkg/cri/streaming).
+// layout for the node's cgroup driver and the pod's QoS class, a mount namespace), runs
+// spec.containers[0]'s command as a host process inside them, and reports the Pod status.
+//
+// Volumes are set up as kubelet does, before the sandbox (see volumes.go): every
+// projected, configMap, secret or downwardAPI volume containers[0] mounts, notably the
+// projected kube-api-access-xxxxx volume of the ServiceAccount admission plugin (a token
+// from TokenRequest bound to the pod with the source's audience and expirationSeconds,
+// ca.crt from the ConfigMap the volume names, kube-root-ca.crt unless a webhook changed
+// it, the namespace from the downward API), is written kubelet's atomic way under
+// <state-dir>/pods/<uid>/volumes/<plugin>/<volume> and bind-mounted read-only at its
+// mountPath. A missing non-optional ConfigMap or Secret keeps the pod Pending
+// (ContainerCreating, a FailedMount event) until it exists. Every --sync-frequency the
+// volumes are projected again, so a changed ConfigMap reaches a running pod, and tokens
+// are renewed at 80% of their lifetime.
+//
+// It serves the kubelet API the API server calls (containerLogs, exec, attach,
+// portForward) over TLS with client-certificate auth, on the kubelet's own CRI streaming
+// library (k8s.io/kubelet/pkg/cri/streaming).
 package main
 
 import (
@@ -23,25 +36,29 @@ import (
 	"syscall"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
 )
 
 type config struct {
-	nodeName     string
-	nodeIndex    int
-	nodeIP       string
-	topologyID   string
-	cgroupRoot   string
-	cgroupDriver string
-	kubeconfig   string
-	stateDir     string
-	tlsCert      string
-	tlsKey       string
-	clientCA     string
-	clusterCA    string
-	listen       string
-	version      string
+	nodeName      string
+	nodeIndex     int
+	nodeIP        string
+	topologyID    string
+	cgroupRoot    string
+	cgroupDriver  string
+	kubeconfig    string
+	stateDir      string
+	tlsCert       string
+	tlsKey        string
+	clientCA      string
+	listen        string
+	version       string
+	syncFrequency time.Duration
 }
 
 func main() {
@@ -53,13 +70,13 @@ func main() {
 	flag.StringVar(&cfg.cgroupRoot, "cgroup-root", "", "cgroup v2 directory under which kubepods lives")
 	flag.StringVar(&cfg.cgroupDriver, "cgroup-driver", "systemd", "systemd or cgroupfs")
 	flag.StringVar(&cfg.kubeconfig, "kubeconfig", "", "kubeconfig (node credentials)")
-	flag.StringVar(&cfg.stateDir, "state-dir", "", "per-pod files (logs, service-account files)")
+	flag.StringVar(&cfg.stateDir, "state-dir", "", "per-pod files (logs, volumes)")
 	flag.StringVar(&cfg.tlsCert, "tls-cert-file", "", "serving certificate")
 	flag.StringVar(&cfg.tlsKey, "tls-private-key-file", "", "serving key")
 	flag.StringVar(&cfg.clientCA, "client-ca-file", "", "CA for client certificates (the API server's)")
-	flag.StringVar(&cfg.clusterCA, "cluster-ca-file", "", "cluster CA written to pods as ca.crt")
 	flag.StringVar(&cfg.listen, "listen", ":10250", "kubelet API address")
 	flag.StringVar(&cfg.version, "kubelet-version", "v1.34.4", "version reported in NodeInfo")
+	flag.DurationVar(&cfg.syncFrequency, "sync-frequency", time.Minute, "how often a running pod's volumes are projected again (kubelet's --sync-frequency)")
 	flag.Parse()
 	if len(flag.Args()) > 0 {
 		log.Fatalf("unexpected arguments %v", flag.Args())
@@ -76,9 +93,8 @@ func main() {
 	if err != nil {
 		log.Fatalf("client: %v", err)
 	}
-	caPEM, err := os.ReadFile(cfg.clusterCA)
-	if err != nil {
-		log.Fatalf("cluster CA: %v", err)
+	if cfg.syncFrequency <= 0 {
+		log.Fatalf("--sync-frequency must be positive")
 	}
 	if err := os.MkdirAll(cfg.stateDir, 0o755); err != nil {
 		log.Fatalf("state dir: %v", err)
@@ -87,7 +103,14 @@ func main() {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 
-	k := newKubelet(cfg, client, caPEM)
+	// Events (FailedMount) as kubelet records them: source kubelet on this host,
+	// aggregated and rate-limited by client-go's recorder.
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kubelet", Host: cfg.nodeName})
+
+	k := newKubelet(cfg, client, recorder)
 	k.cleanOrphans()
 	if err := k.registerNode(ctx); err != nil {
 		log.Fatalf("registering node: %v", err)
