@@ -7,11 +7,18 @@ use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use anyhow::{ensure, Context, Result};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapProjection, DownwardAPIProjection, DownwardAPIVolumeFile, Event, KeyToPath,
+    ObjectFieldSelector, Pod, ProjectedVolumeSource, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
+};
 use k8s_openapi::api::rbac::v1::PolicyRule;
+use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::Api;
-use tollgate_tests::cluster::harness::wait_until;
+use tollgate_tests::cluster::harness::{wait_until, SERVICE_ACCOUNT_DIR};
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod};
 use tollgate_tests::topology::{CgroupDriver, QosClass};
 
@@ -567,4 +574,257 @@ async fn delete_removes_sandbox_for_each_driver_and_qos() -> Result<()> {
     ensure!(seen_drivers.contains(&CgroupDriver::Systemd));
     ensure!(seen_drivers.contains(&CgroupDriver::Cgroupfs));
     Ok(())
+}
+
+/// A projected service-account volume reading its CA bundle from ConfigMap `configmap`,
+/// mounted where in-cluster clients look (what a webhook that swaps the CA's source
+/// leaves in a pod).
+fn custom_service_account_volume(opts: &mut PodOptions, configmap: &str) {
+    opts.automount_service_account_token = Some(false);
+    opts.volumes = Some(vec![Volume {
+        name: "sa-custom".into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o644),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(3607),
+                        audience: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: configmap.into(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".into(),
+                            path: "ca.crt".into(),
+                            mode: None,
+                        }]),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
+                                field_path: "metadata.namespace".into(),
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }]);
+    opts.volume_mounts = Some(vec![VolumeMount {
+        name: "sa-custom".into(),
+        mount_path: SERVICE_ACCOUNT_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }]);
+}
+
+fn ca_configmap(name: &str, bundle: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([("ca.crt".to_owned(), bundle.to_owned())])),
+        ..Default::default()
+    }
+}
+
+/// What the pod itself reads at `path` (kubectl exec cat, through its mount namespace).
+fn in_pod_cat(cluster: &Cluster, pod: &RunningPod, path: &str) -> Result<String> {
+    let out = pod.kubectl_exec(cluster, &[], &["cat", path]);
+    ensure!(
+        out.status.success(),
+        "cat {path} in {}: {}",
+        pod.name,
+        text(&out.stderr)
+    );
+    Ok(text(&out.stdout))
+}
+
+/// The service-account files are what kubelet mounts from the pod's projected volume:
+/// ca.crt from the ConfigMap the volume names (kube-root-ca.crt, published by the
+/// controller manager, unless the pod says otherwise), the namespace from the downward
+/// API; a ConfigMap update reaches the running pod; a pod whose ConfigMap is missing
+/// waits (FailedMount) and runs once it exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projected_service_account_volume_as_kubelet_mounts_it() -> Result<()> {
+    let cluster = Cluster::shared();
+    let ns = cluster.namespace("projected").await?;
+    let configmaps: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    let cluster_ca = std::fs::read_to_string(cluster.layout.pki().join("ca.crt"))?;
+
+    // (a) The ServiceAccount admission plugin's volume: kube-root-ca.crt's ca.crt (the
+    // cluster CA) and the namespace, in the files the pod reads.
+    let pod = ns
+        .run_pod(PodOptions::new("default-sa", 1, &["sleep", "3600"]))
+        .await?;
+    let volume = pod.service_account_volume.clone().unwrap_or_default();
+    ensure!(
+        volume.starts_with("kube-api-access-"),
+        "the admission plugin's volume is mounted, not {volume:?}"
+    );
+    let root = configmaps.get("kube-root-ca.crt").await?;
+    let root_ca = root
+        .data
+        .unwrap_or_default()
+        .remove("ca.crt")
+        .context("kube-root-ca.crt without ca.crt")?;
+    assert_eq!(
+        root_ca, cluster_ca,
+        "the publisher publishes the cluster CA"
+    );
+    let mounted = std::fs::read_to_string(pod.service_account_file("ca.crt")?)?;
+    assert_eq!(mounted, root_ca, "ca.crt is kube-root-ca.crt's");
+    assert_eq!(
+        std::fs::read_to_string(pod.service_account_file("namespace")?)?,
+        ns.name
+    );
+    assert_eq!(
+        in_pod_cat(cluster, &pod, &format!("{SERVICE_ACCOUNT_DIR}/ca.crt"))?,
+        root_ca,
+        "the pod reads the same file"
+    );
+    // Laid out by the atomic writer: ca.crt -> ..data/ca.crt.
+    let link = std::fs::read_link(pod.service_account_file("ca.crt")?)?;
+    assert_eq!(link, std::path::Path::new("..data/ca.crt"));
+
+    // (b) A pod whose projected volume takes the CA from ConfigMap custom-ca sees that
+    // bundle, and its in-cluster kubectl works with it and the projected token.
+    configmaps
+        .create(
+            &PostParams::default(),
+            &ca_configmap("custom-ca", &cluster_ca),
+        )
+        .await?;
+    let mut opts = PodOptions::new("custom-ca", 2, &["sleep", "3600"]);
+    custom_service_account_volume(&mut opts, "custom-ca");
+    let custom = ns.run_pod(opts).await?;
+    assert_eq!(custom.service_account_volume.as_deref(), Some("sa-custom"));
+    let ca_file = custom.service_account_file("ca.crt")?;
+    assert_eq!(std::fs::read_to_string(&ca_file)?, cluster_ca);
+    let whoami = custom.in_pod_kubectl(
+        cluster,
+        &[
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ],
+    );
+    assert_eq!(
+        text(&whoami.stdout),
+        format!("system:serviceaccount:{}:default", ns.name),
+        "{}",
+        text(&whoami.stderr)
+    );
+
+    // (c) A CA rotation adds a second certificate to the bundle: the running pod's file
+    // follows (simkubelet re-projects every 2 s).
+    let second = std::fs::read_to_string(cluster.layout.pki().join("apiserver.crt"))?;
+    let rotated = format!("{cluster_ca}{second}");
+    configmaps
+        .replace(
+            "custom-ca",
+            &PostParams::default(),
+            &ca_configmap("custom-ca", &rotated),
+        )
+        .await?;
+    wait_until(
+        "the rotated bundle in the pod's volume",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&ca_file).is_ok_and(|now| now == rotated),
+    )?;
+    assert_eq!(
+        in_pod_cat(cluster, &custom, &format!("{SERVICE_ACCOUNT_DIR}/ca.crt"))?,
+        rotated,
+        "the pod reads the rotated bundle"
+    );
+
+    // (d) A pod naming a ConfigMap that does not exist yet is not started: Pending,
+    // ContainerCreating, a FailedMount event. Once the ConfigMap exists, it runs.
+    let mut opts = PodOptions::new("late-ca", 1, &["sleep", "3600"]);
+    custom_service_account_volume(&mut opts, "late-ca");
+    let created = ns.create_pod(&opts).await?;
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let failed_mount = loop {
+        let listed = events
+            .list(&ListParams::default().fields("involvedObject.name=late-ca"))
+            .await?;
+        if let Some(event) = listed
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("FailedMount"))
+        {
+            break event;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no FailedMount event for pod late-ca after 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(failed_mount.type_.as_deref(), Some("Warning"));
+    let message = failed_mount.message.unwrap_or_default();
+    ensure!(
+        message.contains("MountVolume.SetUp failed for volume \"sa-custom\"")
+            && message.contains("configmap \"late-ca\" not found"),
+        "FailedMount says why: {message}"
+    );
+    let status = pods.get("late-ca").await?.status.unwrap_or_default();
+    assert_eq!(status.phase.as_deref(), Some("Pending"), "{status:?}");
+    let waiting = status
+        .container_statuses
+        .unwrap_or_default()
+        .first()
+        .and_then(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+    assert_eq!(waiting.as_deref(), Some("ContainerCreating"));
+    ensure!(pod_netns_count(cluster, "late-ca") == 0, "no sandbox yet");
+
+    configmaps
+        .create(
+            &PostParams::default(),
+            &ca_configmap("late-ca", &cluster_ca),
+        )
+        .await?;
+    let late = ns
+        .wait_running(&opts, &created, Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        std::fs::read_to_string(late.service_account_file("ca.crt")?)?,
+        cluster_ca
+    );
+    Ok(())
+}
+
+/// How many network namespaces of the cluster's nodes belong to pods named `pod`.
+fn pod_netns_count(cluster: &Cluster, pod: &str) -> usize {
+    cluster
+        .nodes()
+        .iter()
+        .map(|node| {
+            let prefix = format!("{}-p", node.netns);
+            std::fs::read_dir("/run/netns")
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                        .filter(|n| n.starts_with(&prefix) && n.ends_with(&format!("-{pod}")))
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .sum()
 }

@@ -11,13 +11,14 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
     TokenReviewStatus,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Namespace, Pod, PodSpec, ResourceRequirements, ServiceAccount,
+    Container, EnvVar, Namespace, Pod, PodSpec, ResourceRequirements, ServiceAccount, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -272,6 +273,14 @@ pub struct PodOptions {
     pub stdin: bool,
     /// Pod labels (e.g. `tollgate.dev/enforce: "true"`).
     pub labels: BTreeMap<String, String>,
+    /// spec.volumes, when set (by default the ServiceAccount admission plugin adds the
+    /// projected `kube-api-access-…` volume and its mount).
+    pub volumes: Option<Vec<Volume>>,
+    /// spec.containers[0].volumeMounts, when set.
+    pub volume_mounts: Option<Vec<VolumeMount>>,
+    /// spec.automountServiceAccountToken, when set (`false`: no `kube-api-access-…`
+    /// volume is added; a pod that wants the files then brings its own volume).
+    pub automount_service_account_token: Option<bool>,
 }
 
 impl PodOptions {
@@ -285,6 +294,9 @@ impl PodOptions {
             env: Vec::new(),
             stdin: false,
             labels: BTreeMap::new(),
+            volumes: None,
+            volume_mounts: None,
+            automount_service_account_token: None,
         }
     }
 }
@@ -386,10 +398,15 @@ impl TestNamespace {
 
     /// Creates a pod bound to a simulated node and waits until it runs.
     pub async fn run_pod(&self, opts: PodOptions) -> Result<RunningPod> {
-        let node = controlplane::nodes()
-            .into_iter()
-            .find(|n| n.index == opts.node)
-            .ok_or_else(|| anyhow!("no node {}", opts.node))?;
+        let created = self.create_pod(&opts).await?;
+        self.wait_running(&opts, &created, Duration::from_secs(60))
+            .await
+    }
+
+    /// Creates a pod bound to a simulated node without waiting for it; the Pod as the
+    /// API server stored it (after admission: the service-account volume is there).
+    pub async fn create_pod(&self, opts: &PodOptions) -> Result<Pod> {
+        let node = node_of(opts)?;
         let resources = match opts.qos {
             QosClass::BestEffort => None,
             QosClass::Burstable => Some(ResourceRequirements {
@@ -417,6 +434,8 @@ impl TestNamespace {
             spec: Some(PodSpec {
                 node_name: Some(node.name.clone()),
                 service_account_name: opts.service_account.clone(),
+                automount_service_account_token: opts.automount_service_account_token,
+                volumes: opts.volumes.clone(),
                 restart_policy: Some("Never".into()),
                 termination_grace_period_seconds: Some(1),
                 containers: vec![Container {
@@ -435,6 +454,7 @@ impl TestNamespace {
                     ),
                     resources,
                     stdin: Some(opts.stdin),
+                    volume_mounts: opts.volume_mounts.clone(),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -442,11 +462,34 @@ impl TestNamespace {
             ..Default::default()
         };
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
-        let created = pods
-            .create(&PostParams::default(), &pod)
+        pods.create(&PostParams::default(), &pod)
             .await
-            .with_context(|| format!("creating pod {}", opts.name))?;
+            .with_context(|| format!("creating pod {}", opts.name))
+    }
+
+    /// Waits until the pod `create_pod` made is Running (fails when it ends first or
+    /// `timeout` passes).
+    pub async fn wait_running(
+        &self,
+        opts: &PodOptions,
+        created: &Pod,
+        timeout: Duration,
+    ) -> Result<RunningPod> {
+        let node = node_of(opts)?;
         let uid = created.metadata.uid.clone().unwrap_or_default();
+        let spec = created.spec.clone().unwrap_or_default();
+        // The volume mounted where in-cluster clients look for the service-account files.
+        let service_account_volume = spec
+            .containers
+            .first()
+            .and_then(|c| c.volume_mounts.as_ref())
+            .and_then(|mounts| {
+                mounts
+                    .iter()
+                    .find(|m| m.mount_path == SERVICE_ACCOUNT_DIR)
+                    .map(|m| m.name.clone())
+            });
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.name);
         let started = Instant::now();
         loop {
             let pod = pods.get(&opts.name).await?;
@@ -454,12 +497,13 @@ impl TestNamespace {
             match status.phase.as_deref() {
                 Some("Running") => {
                     return Ok(RunningPod {
-                        name: opts.name,
+                        name: opts.name.clone(),
                         namespace: self.name.clone(),
                         uid,
                         ip: status.pod_ip.unwrap_or_default(),
                         node,
                         qos: opts.qos,
+                        service_account_volume,
                     })
                 }
                 Some("Failed") | Some("Succeeded") => bail!(
@@ -470,8 +514,12 @@ impl TestNamespace {
                 ),
                 _ => {}
             }
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!("pod {} not running after 60s: {:?}", opts.name, status);
+            if started.elapsed() > timeout {
+                bail!(
+                    "pod {} not running after {timeout:?}: {:?}",
+                    opts.name,
+                    status
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -526,6 +574,16 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Where in-cluster clients find the service-account files (token, ca.crt, namespace).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+fn node_of(opts: &PodOptions) -> Result<NodeInfo> {
+    controlplane::nodes()
+        .into_iter()
+        .find(|n| n.index == opts.node)
+        .ok_or_else(|| anyhow!("no node {}", opts.node))
+}
+
 /// A pod running on a simulated node.
 #[derive(Debug, Clone)]
 pub struct RunningPod {
@@ -535,6 +593,9 @@ pub struct RunningPod {
     pub ip: String,
     pub node: NodeInfo,
     pub qos: QosClass,
+    /// The volume containers[0] mounts at [`SERVICE_ACCOUNT_DIR`], as admission left
+    /// the pod (`kube-api-access-…`, or the pod's own), if any.
+    pub service_account_volume: Option<String>,
 }
 
 impl RunningPod {
@@ -547,6 +608,40 @@ impl RunningPod {
                 &self.uid,
             )),
         )
+    }
+
+    /// The host path of file `name` (`token`, `ca.crt`, `namespace`) of the volume
+    /// mounted at [`SERVICE_ACCOUNT_DIR`]: simkubelet's copy of kubelet's
+    /// `pods/<uid>/volumes/<plugin>/<volume>/` in the node's state directory, the very
+    /// directory bind-mounted into the pod. The path is the user-visible symlink into
+    /// `..data`, so reading it gives what the pod reads now, also after an update.
+    pub fn service_account_file(&self, name: &str) -> Result<PathBuf> {
+        let volume = self.service_account_volume.as_deref().with_context(|| {
+            format!(
+                "pod {} mounts no volume at {SERVICE_ACCOUNT_DIR}",
+                self.name
+            )
+        })?;
+        let volumes = Layout::from_env()
+            .node_dir(&self.node.name)
+            .join("pods")
+            .join(&self.uid)
+            .join("volumes");
+        // volumes/<plugin>/<volume>: the plugin directory depends on the volume's type
+        // (kubernetes.io~projected for the service-account volume).
+        let dir = std::fs::read_dir(&volumes)
+            .with_context(|| format!("listing {}", volumes.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join(volume))
+            .find(|p| p.is_dir())
+            .with_context(|| format!("no volume {volume} in {}", volumes.display()))?;
+        let file = dir.join(name);
+        ensure!(
+            file.exists(),
+            "volume {volume} of pod {} has no file {name}",
+            self.name
+        );
+        Ok(file)
     }
 
     /// The container cgroup (`<pod cgroup>/cri-containerd-<id>.scope` or `<pod
