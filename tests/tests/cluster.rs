@@ -20,7 +20,7 @@ use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::Api;
 use tollgate_tests::cluster::harness::{wait_until, SERVICE_ACCOUNT_DIR};
 use tollgate_tests::cluster::{Cluster, PodOptions, RunningPod};
-use tollgate_tests::topology::{CgroupDriver, QosClass};
+use tollgate_tests::topology::{CgroupDriver, Netns, QosClass};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -378,6 +378,21 @@ async fn port_forward_reaches_pod_loopback() -> Result<()> {
             ],
         ))
         .await?;
+    // The server listens a moment after the pod runs (longer on a busy machine), and a
+    // forwarded connection to a port nobody listens on yet ends kubectl's tunnel: wait
+    // for the listener first (a connect on the pod's own loopback).
+    let netns = Netns {
+        name: pod.netns().context("the pod's network namespace")?,
+    };
+    wait_until(
+        "the pod's server to listen",
+        Duration::from_secs(30),
+        || {
+            netns
+                .run_in(|| TcpStream::connect(("127.0.0.1", 8080)).is_ok())
+                .unwrap_or(false)
+        },
+    )?;
     let result = (|| -> Result<()> {
         for (transport, websockets) in [("websocket", "true"), ("spdy", "false")] {
             forward_and_fetch(cluster, &ns.name, &pod.name, &marker, websockets)
