@@ -116,7 +116,17 @@ impl RunningAgent {
 
         // The agent's credentials: deploy/rbac.yaml, and a token for its account.
         let rbac = workspace_root().join("deploy/rbac.yaml");
-        cluster.kubectl_ok(&["apply", "-f", rbac.to_str().context("path")?])?;
+        // Agents of two nodes may apply it at once: a create that loses the race
+        // answers AlreadyExists, and the next apply finds the object.
+        let rbac = rbac.to_str().context("path")?;
+        let mut applied = cluster.kubectl_ok(&["apply", "-f", rbac]);
+        for _ in 0..2 {
+            if applied.is_ok() {
+                break;
+            }
+            applied = cluster.kubectl_ok(&["apply", "-f", rbac]);
+        }
+        applied?;
         let token = cluster
             .kubectl_ok(&[
                 "create",

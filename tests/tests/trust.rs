@@ -107,15 +107,15 @@ impl WebhookConfiguration {
             .output()
             .expect("kubectl");
         assert!(out.status.success(), "{}", text(&out));
-        let list: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        let mut configuration = list["items"]
-            .as_array()
-            .and_then(|items| {
-                items
-                    .iter()
-                    .find(|i| i["kind"] == "MutatingWebhookConfiguration")
+        // One JSON document per object.
+        let mut configuration = serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter::<Value>()
+            .filter_map(Result::ok)
+            .flat_map(|doc| match doc["items"].as_array() {
+                Some(items) => items.clone(),
+                None => vec![doc],
             })
-            .cloned()
+            .find(|doc| doc["kind"] == "MutatingWebhookConfiguration")
             .expect("the shipped file has a MutatingWebhookConfiguration");
         configuration["metadata"]["name"] = json!(name);
         for webhook in configuration["webhooks"].as_array_mut().expect("webhooks") {
