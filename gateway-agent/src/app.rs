@@ -211,7 +211,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     // The serving certificate, by trust mode (with injected-ca: Tollgate's CA, the
     // pods' trust bundles and the admission webhook).
-    let serving = start_trust(&config, &client).await?;
+    let serving = start_trust(&config, &client, &metrics).await?;
 
     // Approvals: the store, the expiry sweep, the webhook, and the reviewers' API.
     let approvals = start_approvals(&config, &client, &metrics, &serving).await?;
@@ -405,7 +405,11 @@ impl ServingTls {
 /// In `injected-ca` mode: loads or creates Tollgate's CA, issues the serving
 /// certificate and keeps it current, keeps the trust bundle in every enforced
 /// namespace and the webhook's caBundle current, and serves the admission webhook.
-async fn start_trust(config: &Config, client: &kube::Client) -> Result<ServingTls, AppError> {
+async fn start_trust(
+    config: &Config,
+    client: &kube::Client,
+    metrics: &Metrics,
+) -> Result<ServingTls, AppError> {
     let injected = match &config.serving {
         Serving::Files { cert, key } => {
             return Ok(ServingTls::Files {
@@ -475,7 +479,16 @@ async fn start_trust(config: &Config, client: &kube::Client) -> Result<ServingTl
     tokio::spawn(webhook::serve(
         listener,
         proxy::tls::server_config_with_resolver(cert.clone())?,
-        Arc::new(webhook::WebhookState::new(bundles, client.clone())),
+        Arc::new(webhook::WebhookState::new(
+            bundles,
+            client.clone(),
+            metrics.clone(),
+        )),
+    ));
+    tokio::spawn(export_expiries(
+        trust.clone(),
+        cert.clone(),
+        metrics.clone(),
     ));
     info!(
         secret = %format!("{}/{}", injected.ca_secret_namespace, injected.ca_secret_name),
@@ -484,6 +497,29 @@ async fn start_trust(config: &Config, client: &kube::Client) -> Result<ServingTl
         "trust mode injected-ca: serving from Tollgate's CA"
     );
     Ok(ServingTls::Injected(cert))
+}
+
+/// Keeps the expiry gauges of the signing CA and the serving certificate current: at
+/// each change of the trust material, and each minute (the certificate is renewed on
+/// its own schedule).
+async fn export_expiries(
+    mut trust: crate::trust::TrustWatch,
+    cert: Arc<crate::trust::serving::ServingCert>,
+    metrics: Metrics,
+) {
+    loop {
+        let signing = trust.borrow_and_update().signing.cert_pem.clone();
+        if let Ok(end) = crate::trust::ca::not_after(&signing) {
+            metrics.trust_signing_ca_expiry.set(end.unix_timestamp());
+        }
+        metrics
+            .trust_serving_cert_expiry
+            .set(cert.not_after().unix_timestamp());
+        tokio::select! {
+            changed = trust.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
 }
 
 /// The `kubernetes` Service's ClusterIPs and endpoint addresses, for the serving

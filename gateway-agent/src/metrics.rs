@@ -47,6 +47,14 @@ pub struct MaskRefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `mutated`, `not_enforced`, `already_mutated`, `no_service_account_volume` or
+    /// `refused` (the pod was not admitted: the bundle could not be written, the
+    /// namespace could not be read, the object was not a pod).
+    pub outcome: &'static str,
+}
+
 /// Every metric the agent exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -61,6 +69,11 @@ pub struct Metrics {
     pub masking_refusals: Family<MaskRefusalLabels, Counter>,
     /// Session recording, copied from the recorder's counters at each scrape.
     pub recording: RecordingGauges,
+    /// Trust mode injected-ca: the webhook's decisions, and when the signing CA and
+    /// the serving certificate end (Unix seconds; 0 in cluster-ca mode).
+    pub trust_admissions: Family<AdmissionLabels, Counter>,
+    pub trust_signing_ca_expiry: Gauge,
+    pub trust_serving_cert_expiry: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -121,6 +134,24 @@ impl Metrics {
             "Answers to enforced pods refused or cut because they could not be masked, by reason",
             masking_refusals.clone(),
         );
+        let trust_admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "trust_admissions",
+            "Pod creations the admission webhook answered (trust mode injected-ca), by outcome",
+            trust_admissions.clone(),
+        );
+        let trust_signing_ca_expiry = Gauge::default();
+        registry.register(
+            "trust_signing_ca_expiry_timestamp_seconds",
+            "When Tollgate's signing CA expires (Unix time; injected-ca only). Rotation stages a successor --ca-rotate-before this",
+            trust_signing_ca_expiry.clone(),
+        );
+        let trust_serving_cert_expiry = Gauge::default();
+        registry.register(
+            "trust_serving_cert_expiry_timestamp_seconds",
+            "When the agent's serving certificate expires (Unix time; injected-ca only); it is renewed with a third of its life left",
+            trust_serving_cert_expiry.clone(),
+        );
         let recording = RecordingGauges::default();
         for (name, help, gauge) in [
             (
@@ -163,6 +194,9 @@ impl Metrics {
         }
         Metrics {
             recording,
+            trust_admissions,
+            trust_signing_ca_expiry,
+            trust_serving_cert_expiry,
             masked_fields,
             masking_refusals,
             requests,

@@ -179,6 +179,11 @@ impl Drop for WebhookConfiguration {
 /// fresh CA (a Secret left by an earlier run would be adopted, as in production; the
 /// suite wants to see one created), the webhook configuration, and the agent.
 fn start(cluster: &Cluster) -> (WebhookConfiguration, RunningAgent) {
+    start_with(cluster, &[])
+}
+
+/// [`start`] with more `run` flags.
+fn start_with(cluster: &Cluster, flags: &[&str]) -> (WebhookConfiguration, RunningAgent) {
     let node = cluster
         .nodes()
         .into_iter()
@@ -196,6 +201,7 @@ fn start(cluster: &Cluster) -> (WebhookConfiguration, RunningAgent) {
     let webhook = WebhookConfiguration::install(cluster, &node.ip.to_string());
     let mut options = AgentOptions::new(AGENT, 1, POLICY);
     options.injected_ca = true;
+    options.extra_args = flags.iter().map(|f| f.to_string()).collect();
     cluster
         .kubectl_ok(&[
             "delete",
@@ -617,4 +623,102 @@ async fn an_outage_of_the_webhook_refuses_enforced_pods_and_no_other() {
         vec![ROOT_CA.to_owned()]
     );
     drop(webhook);
+}
+
+/// The CA's own schedule, shortened: a 90 s CA gets a successor staged 60 s before its
+/// end, which signs 15 s later. Pods and the API server (the webhook's caBundle) have
+/// the successor by then, so an enforced pod's kubectl and a new pod's admission both
+/// go on working across the switch, with no operator involved.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_rotates_itself_before_it_expires() {
+    let cluster = Cluster::shared();
+    let scratch = std::env::temp_dir().join(format!("tollgate-trust-{}", topology::unique_id()));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let (webhook, agent) = start_with(
+        cluster,
+        &[
+            "--ca-validity",
+            "90s",
+            "--ca-rotate-before",
+            "60s",
+            "--ca-propagation",
+            "15s",
+            "--serving-cert-validity",
+            "60s",
+        ],
+    );
+    let first = poll("the CA Secret", Duration::from_secs(30), || {
+        secret_field(cluster, "ca.crt")
+    });
+    let enforced = namespace("trust-auto", true).await;
+    let pod = enforced
+        .run_pod(sleeper("before", false))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
+    let expiry_before = metric(&agent, "tollgate_trust_signing_ca_expiry_timestamp_seconds");
+    assert!(
+        expiry_before > 0.0,
+        "{}",
+        agent.admin_get("/metrics").map(|m| m.1).unwrap_or_default()
+    );
+
+    // Staged by the agent itself, about 30 s after the CA was made.
+    let successor = poll("a successor staged", Duration::from_secs(60), || {
+        secret_field(cluster, "staged.crt")
+    });
+    assert_ne!(successor, first);
+    let successor_file = scratch.join("successor.pem");
+    std::fs::write(&successor_file, &successor).expect("write");
+    // Then promoted: the successor signs, its predecessor is retired but trusted.
+    poll("the promotion", Duration::from_secs(60), || {
+        (secret_field(cluster, "ca.crt")? == successor
+            && secret_field(cluster, "retired.crt")?.contains(first.trim()))
+        .then_some(())
+    });
+    poll(
+        "a certificate from the successor",
+        Duration::from_secs(30),
+        || (tls_check(&pod, &successor_file) == 0).then_some(()),
+    );
+    let out = pod.in_pod_kubectl(cluster, &["get", "configmaps"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log_text());
+    // The API server verifies the webhook's new certificate: a pod is still admitted.
+    let after = enforced
+        .run_pod(sleeper("after", false))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
+    assert_eq!(
+        ca_sources(&pod_json(cluster, &after)),
+        vec![BUNDLE.to_owned()]
+    );
+    assert!(webhook
+        .ca_bundles(cluster)
+        .iter()
+        .all(|b| b.contains(successor.trim())));
+    // The metrics tell: the signing CA ends later, two pods were mutated.
+    assert!(metric(&agent, "tollgate_trust_signing_ca_expiry_timestamp_seconds") > expiry_before);
+    assert_eq!(
+        metric(
+            &agent,
+            "tollgate_trust_admissions_total{outcome=\"mutated\"}"
+        ),
+        2.0
+    );
+    drop(agent);
+    drop(webhook);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// One sample of the agent's `/metrics` (0 when absent).
+fn metric(agent: &RunningAgent, name: &str) -> f64 {
+    let (_, text) = agent.admin_get("/metrics").expect("metrics");
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }

@@ -87,6 +87,14 @@ impl ServingCert {
         })
     }
 
+    /// When the certificate served now expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .not_after
+    }
+
     /// The names and addresses in the certificate.
     pub fn sans(&self) -> &[String] {
         &self.sans

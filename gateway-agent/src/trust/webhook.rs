@@ -140,17 +140,30 @@ pub struct WebhookState {
     bundles: Arc<TrustBundles>,
     configmap_name: String,
     namespaces: NamespaceLabels,
+    metrics: crate::metrics::Metrics,
 }
 
 impl WebhookState {
     /// Pods are pointed at `bundles`' ConfigMap; namespace labels are read through
     /// `client` (the agent's credentials: `get` on namespaces).
-    pub fn new(bundles: Arc<TrustBundles>, client: Client) -> WebhookState {
+    pub fn new(
+        bundles: Arc<TrustBundles>,
+        client: Client,
+        metrics: crate::metrics::Metrics,
+    ) -> WebhookState {
         WebhookState {
             configmap_name: bundles.configmap_name().to_owned(),
             bundles,
             namespaces: NamespaceLabels::Api(client),
+            metrics,
         }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .trust_admissions
+            .get_or_create(&crate::metrics::AdmissionLabels { outcome })
+            .inc();
     }
 }
 
@@ -371,6 +384,7 @@ async fn admit(
         Ok(pod) => pod,
         Err(err) => {
             warn!(%err, "the object of a Pod CREATE is not a Pod; refused");
+            state.count("refused");
             return refuse(
                 request,
                 400,
@@ -398,9 +412,13 @@ async fn admit(
         pod = %pod_name,
         pod_uid = pod.metadata.uid.as_deref().unwrap_or_default(),
     );
-    admit_pod(state, request, &pod, &namespace)
+    let response = admit_pod(state, request, &pod, &namespace)
         .instrument(span)
-        .await
+        .await;
+    if !response.allowed {
+        state.count("refused");
+    }
+    response
 }
 
 /// The decision for a Pod CREATE in `namespace`, logged once.
@@ -441,14 +459,17 @@ async fn admit_pod(
     let configmap = state.configmap_name.as_str();
     let ops = match mutation(pod, namespace_labels.as_ref(), configmap) {
         Mutation::NotEnforced => {
+            state.count("not_enforced");
             info!("not enforced; allowed unchanged");
             return AdmissionResponse::from(request);
         }
         Mutation::AlreadyMutated => {
+            state.count("already_mutated");
             info!(configmap, "already trusts the bundle; allowed unchanged");
             return AdmissionResponse::from(request);
         }
         Mutation::NoServiceAccountVolume => {
+            state.count("no_service_account_volume");
             info!("enforced, without a service-account CA volume; allowed unchanged");
             return AdmissionResponse::from(request);
         }
@@ -473,6 +494,7 @@ async fn admit_pod(
     let changes = ops.len() / 2;
     match AdmissionResponse::from(request).with_patch(json_patch::Patch(ops)) {
         Ok(response) => {
+            state.count("mutated");
             info!(
                 configmap,
                 changes,
@@ -760,7 +782,7 @@ mod tests {
             "CLUSTER CA\n".to_owned(),
             trust,
         );
-        let mut state = WebhookState::new(bundles, client);
+        let mut state = WebhookState::new(bundles, client, crate::metrics::Metrics::new());
         state.namespaces = NamespaceLabels::Fixed(std::collections::HashMap::from([
             ("agents".to_owned(), labels(&[(ENFORCE_LABEL, "true")])),
             ("plain".to_owned(), labels(&[])),
