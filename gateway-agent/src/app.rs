@@ -348,7 +348,14 @@ async fn start_approvals(
         api_state = api_state.with_sessions(recording.dir);
     }
     let api_tls = match serving {
-        ServingTls::Files { cert, key } => config.api.tls_config(cert, key)?,
+        // The REST API presents the proxy's certificate (reloaded with it) unless it
+        // was given its own.
+        ServingTls::Files { served, .. }
+            if config.api.api_tls_cert.is_none() && config.api.api_tls_key.is_none() =>
+        {
+            proxy::tls::server_config_with_resolver(served.clone())?
+        }
+        ServingTls::Files { cert, key, .. } => config.api.tls_config(cert, key)?,
         // The REST API presents the agent's certificate unless it was given its own.
         ServingTls::Injected(resolver)
             if config.api.api_tls_cert.is_none() && config.api.api_tls_key.is_none() =>
@@ -382,10 +389,11 @@ async fn start_approvals(
 
 /// Where the agent's TLS listeners get their certificate.
 enum ServingTls {
-    /// `cluster-ca`: the files the operator issued.
+    /// `cluster-ca`: the files the operator issued, read again when they change.
     Files {
         cert: std::path::PathBuf,
         key: std::path::PathBuf,
+        served: Arc<proxy::tls::FileCert>,
     },
     /// `injected-ca`: issued from Tollgate's CA and replaced as it rotates.
     Injected(Arc<crate::trust::serving::ServingCert>),
@@ -394,7 +402,9 @@ enum ServingTls {
 impl ServingTls {
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, AppError> {
         Ok(match self {
-            ServingTls::Files { cert, key } => proxy::tls::server_config(cert, key)?,
+            ServingTls::Files { served, .. } => {
+                proxy::tls::server_config_with_resolver(served.clone())?
+            }
             ServingTls::Injected(resolver) => {
                 proxy::tls::server_config_with_resolver(resolver.clone())?
             }
@@ -412,10 +422,13 @@ async fn start_trust(
 ) -> Result<ServingTls, AppError> {
     let injected = match &config.serving {
         Serving::Files { cert, key } => {
+            let served = proxy::tls::FileCert::load(cert, key)?;
+            tokio::spawn(served.clone().follow(Duration::from_secs(10)));
             return Ok(ServingTls::Files {
                 cert: cert.clone(),
                 key: key.clone(),
-            })
+                served,
+            });
         }
         Serving::InjectedCa(injected) => injected,
     };
