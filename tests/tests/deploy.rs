@@ -8,16 +8,24 @@
 //! - The default policy passes `policy check` and decides as documented.
 //! - The agent's RBAC, applied for real, allows what the agent does and nothing else
 //!   (`kubectl auth can-i --as`, and real requests shaped like the agent's);
-//!   impersonation comes only from `policy rbac`, for the accounts a policy names.
+//!   impersonation comes only from `policy rbac`, for the accounts a policy names. The
+//!   files are bound to an account of the test's own ([`RbacCopy`]), so what other
+//!   suites leave bound to the agent's account does not count.
+//! - The injected-ca component (`deploy/injected-ca`), enabled as docs/install.md says:
+//!   accepted whole, its DaemonSet the base's but for the trust mode; its webhooks are
+//!   sent exactly the pods discovery enforces, once, and never a pod of kube-system or
+//!   tollgate-system; its RBAC and admission policy let the agent keep its CA, bundles
+//!   and caBundle and do nothing more.
 //! - The DaemonSet asks for the data path's capabilities and no more.
 //! - The reviewer ClusterRole lets a reviewer decide and read sessions, nothing else.
 //! - The Dockerfile uses the toolchain `cargo xtask setup` verified.
 //!
 //! Runs as root (the shared control plane: `cargo xtask cluster up`). Only RBAC, the
-//! namespace and the CRD are applied for real (as the other suites do); every other
+//! namespace and the CRD are applied for real (as the other suites do), and copies of
+//! the RBAC and admission policy that name only the test's own accounts; every other
 //! object is a server-side dry-run, so nothing here disturbs a suite running beside it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -139,6 +147,182 @@ fn env_literal<'a>(container: &'a Value, name: &str) -> Result<&'a str> {
         .with_context(|| format!("env {name} has no literal value"))
 }
 
+/// The objects of the kustomize base: (kind, namespace, name).
+const BASE_OBJECTS: &[(&str, &str, &str)] = &[
+    ("Namespace", "", NAMESPACE),
+    ("ServiceAccount", NAMESPACE, "tollgate-agent"),
+    ("ClusterRole", "", "tollgate-agent"),
+    ("ClusterRoleBinding", "", "tollgate-agent"),
+    ("Role", "default", "tollgate-agent-apiserver"),
+    ("RoleBinding", "default", "tollgate-agent-apiserver"),
+    ("Role", NAMESPACE, "tollgate-agent-policy"),
+    ("RoleBinding", NAMESPACE, "tollgate-agent-policy"),
+    ("ClusterRole", "", "tollgate-approval-reviewer"),
+    (
+        "CustomResourceDefinition",
+        "",
+        "approvalrequests.tollgate.dev",
+    ),
+    ("ResourceQuota", NAMESPACE, "tollgate-critical-pods"),
+    ("ConfigMap", NAMESPACE, "tollgate-policy"),
+    ("Service", NAMESPACE, "tollgate-api"),
+    ("DaemonSet", NAMESPACE, "tollgate-agent"),
+];
+
+/// What the injected-ca component adds to the base.
+const INJECTED_CA_OBJECTS: &[(&str, &str, &str)] = &[
+    ("ClusterRole", "", "tollgate-agent-trust"),
+    ("ClusterRoleBinding", "", "tollgate-agent-trust"),
+    ("Role", NAMESPACE, "tollgate-agent-ca"),
+    ("RoleBinding", NAMESPACE, "tollgate-agent-ca"),
+    ("Service", NAMESPACE, "tollgate-webhook"),
+    ("MutatingWebhookConfiguration", "", "tollgate"),
+    ("ValidatingAdmissionPolicy", "", "tollgate-agent-creates"),
+    (
+        "ValidatingAdmissionPolicyBinding",
+        "",
+        "tollgate-agent-creates",
+    ),
+];
+
+fn expected_objects(lists: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    lists
+        .iter()
+        .map(|(k, ns, n)| ((*k).to_owned(), (*ns).to_owned(), (*n).to_owned()))
+        .collect()
+}
+
+/// (kind, namespace, name) of each object.
+fn object_set(items: &[Value]) -> BTreeSet<(String, String, String)> {
+    items
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The base with the injected-ca component enabled as docs/install.md says (a copy of
+/// deploy/ whose kustomization.yaml gains `components: [injected-ca]`), every object as
+/// the API server would store it (`kubectl apply -k --dry-run=server`).
+fn injected_ca_as_the_server_sees_it(cluster: &Cluster, dir: &ScratchDir) -> Result<Vec<Value>> {
+    apply_cluster_prerequisites(cluster)?;
+    let copy = dir.join("deploy");
+    copy_dir(&repo_path("deploy"), &copy)?;
+    let kustomization = copy.join("kustomization.yaml");
+    let mut text = std::fs::read_to_string(&kustomization)?;
+    ensure!(
+        !text.lines().any(|l| l.starts_with("components:")),
+        "deploy/kustomization.yaml has components already: the documented edit no longer fits"
+    );
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("components:\n  - injected-ca\n");
+    std::fs::write(&kustomization, text)?;
+    let out = cluster.kubectl_ok(&[
+        "apply",
+        "-k",
+        path_arg(&copy)?,
+        "--dry-run=server",
+        "-o",
+        "json",
+    ])?;
+    let list: Value = serde_json::from_str(&out).context("kubectl's answer is not JSON")?;
+    match list["items"].as_array() {
+        Some(items) => Ok(items.clone()),
+        None => Ok(vec![list]),
+    }
+}
+
+/// `gateway-agent run --help`, where the agent's defaults are written.
+fn run_help() -> Result<String> {
+    let out = std::process::Command::new(AGENT)
+        .args(["run", "--help"])
+        .output()?;
+    ensure!(out.status.success(), "run --help: {}", text(&out.stderr));
+    Ok(text(&out.stdout))
+}
+
+/// The default `run --help` gives for `flag`.
+fn run_default(help: &str, flag: &str) -> Result<String> {
+    let start = help
+        .find(&format!("{flag} <"))
+        .with_context(|| format!("run --help has no {flag}"))?;
+    let block = &help[start..];
+    let block = match block[1..].find("\n      --") {
+        Some(end) => &block[..end + 1],
+        None => block,
+    };
+    let value = block
+        .split("[default: ")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .with_context(|| format!("{flag} has no default"))?;
+    Ok(value.to_owned())
+}
+
+/// Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`, as
+/// the API server decides; null or `{}` selects everything.
+fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> Result<bool> {
+    for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
+        if labels.get(key).map(String::as_str) != value.as_str() {
+            return Ok(false);
+        }
+    }
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let key = expression["key"].as_str().context("a selector key")?;
+        let values = strings(&expression["values"]);
+        let have = labels.get(key).map(String::as_str);
+        let selected = match expression["operator"].as_str() {
+            Some("In") => have.is_some_and(|v| values.contains(&v)),
+            Some("NotIn") => !have.is_some_and(|v| values.contains(&v)),
+            Some("Exists") => have.is_some(),
+            Some("DoesNotExist") => have.is_none(),
+            other => bail!("selector operator {other:?}"),
+        };
+        if !selected {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `value` (a list of objects) sorted by `key`, for comparisons that ignore order.
+fn sorted_by(value: &Value, key: &str) -> Value {
+    let mut items = value.as_array().cloned().unwrap_or_default();
+    items.sort_by_key(|item| item[key].to_string());
+    Value::Array(items)
+}
+
 /// `kubectl create --dry-run=server -f FILE` of one object, as the admin.
 fn dry_run_create(cluster: &Cluster, object: &Value, dir: &ScratchDir) -> Result<Output> {
     let file = dir.join(&format!(
@@ -176,45 +360,8 @@ fn every_object_of_the_base_is_accepted_by_the_api_server() -> Result<()> {
     let cluster = Cluster::shared();
     let items = base_as_the_server_sees_it(cluster)?;
 
-    let found: BTreeSet<(String, String, String)> = items
-        .iter()
-        .map(|o| {
-            (
-                o["kind"].as_str().unwrap_or_default().to_owned(),
-                o["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                o["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-        })
-        .collect();
-    let expected: BTreeSet<(String, String, String)> = [
-        ("Namespace", "", NAMESPACE),
-        ("ServiceAccount", NAMESPACE, "tollgate-agent"),
-        ("ClusterRole", "", "tollgate-agent"),
-        ("ClusterRoleBinding", "", "tollgate-agent"),
-        ("Role", "default", "tollgate-agent-apiserver"),
-        ("RoleBinding", "default", "tollgate-agent-apiserver"),
-        ("Role", NAMESPACE, "tollgate-agent-policy"),
-        ("RoleBinding", NAMESPACE, "tollgate-agent-policy"),
-        ("ClusterRole", "", "tollgate-approval-reviewer"),
-        (
-            "CustomResourceDefinition",
-            "",
-            "approvalrequests.tollgate.dev",
-        ),
-        ("ResourceQuota", NAMESPACE, "tollgate-critical-pods"),
-        ("ConfigMap", NAMESPACE, "tollgate-policy"),
-        ("Service", NAMESPACE, "tollgate-api"),
-        ("DaemonSet", NAMESPACE, "tollgate-agent"),
-    ]
-    .into_iter()
-    .map(|(k, ns, n)| (k.to_owned(), ns.to_owned(), n.to_owned()))
-    .collect();
+    let found = object_set(&items);
+    let expected = expected_objects(BASE_OBJECTS);
     ensure!(
         found == expected,
         "the base's objects differ from an install's:\n missing: {:?}\n unexpected: {:?}",
@@ -608,14 +755,257 @@ fn expect_rights(
     Ok(wrong)
 }
 
-/// The agent's RBAC, applied for real, lets it do what discovery, identity, policy and
-/// approvals do, and nothing else: no Secrets, no writes outside its approvals, no
-/// deletes, no impersonation, no RBAC escalation.
+/// The agent's service account, to which every binding of the manifests is made.
+const AGENT_ACCOUNT: &str = "tollgate-agent";
+
+/// The RBAC (and admission policies) of some manifests, applied for real but bound to
+/// a service account of the test's own in tollgate-system instead of the agent's: every
+/// Role, ClusterRole, binding and policy is applied under a new name, and every
+/// binding's subject (which must be the agent's account) becomes the test's account.
+/// `can-i` for that account then answers for exactly what these files grant, whatever
+/// else is bound to the agent's account on the shared cluster (suite `trust` leaves the
+/// injected-ca RBAC bound to it). Everything is deleted when dropped.
+struct RbacCopy {
+    account: String,
+    /// `system:serviceaccount:tollgate-system:<account>`.
+    user: String,
+    /// (resource, namespace, name) of what was made, for the clean-up.
+    made: Vec<(String, Option<String>, String)>,
+}
+
+impl RbacCopy {
+    fn apply(cluster: &Cluster, files: &[&str]) -> Result<RbacCopy> {
+        let suffix = tollgate_tests::topology::random_hex(3);
+        let account = format!("{AGENT_ACCOUNT}-{suffix}");
+        let mut copy = RbacCopy {
+            user: format!("system:serviceaccount:{NAMESPACE}:{account}"),
+            account,
+            made: Vec::new(),
+        };
+        let renamed = |name: &str| format!("{name}-{suffix}");
+        let mut objects = Vec::new();
+        for file in files {
+            let out = cluster.kubectl_ok(&[
+                "create",
+                "--dry-run=client",
+                "-o",
+                "json",
+                "-f",
+                path_arg(&repo_path(file))?,
+            ])?;
+            // One JSON document per object, or a List.
+            for value in serde_json::Deserializer::from_str(&out).into_iter::<Value>() {
+                let value = value.with_context(|| format!("kubectl's answer for {file}"))?;
+                match value["items"].as_array() {
+                    Some(items) => objects.extend(items.iter().cloned()),
+                    None => objects.push(value),
+                }
+            }
+        }
+        let roles: BTreeSet<(String, String)> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Role" || o["kind"] == "ClusterRole")
+            .map(|o| {
+                (
+                    o["kind"].as_str().unwrap_or_default().to_owned(),
+                    o["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect();
+        cluster.kubectl_ok(&["create", "serviceaccount", &copy.account, "-n", NAMESPACE])?;
+        copy.made.push((
+            "serviceaccounts".into(),
+            Some(NAMESPACE.into()),
+            copy.account.clone(),
+        ));
+        let mut items = Vec::new();
+        for mut object in objects {
+            let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+            let resource = match kind.as_str() {
+                // The namespace and the account exist (apply_cluster_prerequisites).
+                "Namespace" | "ServiceAccount" => continue,
+                "ClusterRole" => "clusterroles.rbac.authorization.k8s.io",
+                "ClusterRoleBinding" => "clusterrolebindings.rbac.authorization.k8s.io",
+                "Role" => "roles.rbac.authorization.k8s.io",
+                "RoleBinding" => "rolebindings.rbac.authorization.k8s.io",
+                "ValidatingAdmissionPolicy" => {
+                    "validatingadmissionpolicies.admissionregistration.k8s.io"
+                }
+                "ValidatingAdmissionPolicyBinding" => {
+                    "validatingadmissionpolicybindings.admissionregistration.k8s.io"
+                }
+                other => bail!("{other} in {files:?}: not RBAC"),
+            };
+            let name = object["metadata"]["name"]
+                .as_str()
+                .context("metadata.name")?
+                .to_owned();
+            object["metadata"]["name"] = json!(renamed(&name));
+            match kind.as_str() {
+                "ClusterRoleBinding" | "RoleBinding" => {
+                    let role_kind = object["roleRef"]["kind"].as_str().unwrap_or_default();
+                    let role = object["roleRef"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if roles.contains(&(role_kind.to_owned(), role.clone())) {
+                        object["roleRef"]["name"] = json!(renamed(&role));
+                    }
+                    for subject in object["subjects"]
+                        .as_array_mut()
+                        .context("subjects")?
+                        .iter_mut()
+                    {
+                        ensure!(
+                            subject["kind"] == "ServiceAccount"
+                                && subject["name"] == AGENT_ACCOUNT
+                                && subject["namespace"] == NAMESPACE,
+                            "{kind} {name} is bound to someone else than the agent: {subject}"
+                        );
+                        subject["name"] = json!(copy.account);
+                    }
+                }
+                "ValidatingAdmissionPolicy" => {
+                    let text = object.to_string();
+                    ensure!(
+                        text.contains(AGENT_USER),
+                        "{kind} {name} does not name the agent's account"
+                    );
+                    object = serde_json::from_str(&text.replace(AGENT_USER, &copy.user))?;
+                }
+                "ValidatingAdmissionPolicyBinding" => {
+                    let policy = object["spec"]["policyName"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    object["spec"]["policyName"] = json!(renamed(&policy));
+                }
+                _ => {}
+            }
+            copy.made.push((
+                resource.to_owned(),
+                object["metadata"]["namespace"].as_str().map(str::to_owned),
+                renamed(&name),
+            ));
+            items.push(object);
+        }
+        cluster
+            .apply_yaml(&json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string())?;
+        Ok(copy)
+    }
+
+    /// A token of the account and a kubeconfig holding only that (the admin's holds a
+    /// client certificate, which the API server would take over any token).
+    fn kubeconfig(&self, cluster: &Cluster, dir: &ScratchDir) -> Result<PathBuf> {
+        let token = cluster
+            .kubectl_ok(&[
+                "create",
+                "token",
+                &self.account,
+                "-n",
+                NAMESPACE,
+                "--duration=10m",
+            ])?
+            .trim()
+            .to_owned();
+        let server = cluster.kubectl_ok(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ])?;
+        let kubeconfig = dir.join("agent.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: agent\n  context: {{cluster: c, user: agent}}\ncurrent-context: agent\n",
+                cluster.layout.pki().join("ca.crt").display()
+            ),
+        )?;
+        let out = kubectl_as(
+            &kubeconfig,
+            &[
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+        )?;
+        ensure!(
+            text(&out.stdout) == self.user,
+            "the token is not {}'s: {}{}",
+            self.user,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        Ok(kubeconfig)
+    }
+}
+
+impl Drop for RbacCopy {
+    fn drop(&mut self) {
+        let cluster = Cluster::shared();
+        for (resource, namespace, name) in self.made.iter().rev() {
+            let mut cmd = cluster.kubectl();
+            cmd.args([
+                "delete",
+                resource,
+                name,
+                "--ignore-not-found",
+                "--wait=false",
+            ]);
+            if let Some(namespace) = namespace {
+                cmd.args(["-n", namespace]);
+            }
+            let _ = cmd
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// kubectl with `kubeconfig` (someone else than the admin).
+fn kubectl_as(kubeconfig: &Path, args: &[&str]) -> Result<Output> {
+    Ok(std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()?)
+}
+
+/// The RBAC authorizer learns of new bindings from a watch: waits until `user` may do
+/// what `probe` says.
+fn wait_for_rights(cluster: &Cluster, user: &str, probe: (&str, &str, Scope)) -> Result<()> {
+    let (verb, resource, scope) = probe;
+    tollgate_tests::cluster::harness::wait_until(
+        &format!("{user} to be allowed to {verb} {resource}"),
+        std::time::Duration::from_secs(20),
+        || can_i(cluster, user, verb, resource, scope).unwrap_or(false),
+    )
+}
+
+/// The agent's RBAC (deploy/rbac.yaml, bound to an account of the test's own: see
+/// [`RbacCopy`]) lets it do what discovery, identity, policy and approvals do, and
+/// nothing else: no Secrets, no writes outside its approvals, no deletes, no
+/// impersonation, no RBAC escalation.
 #[test]
 fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
     use Scope::{Cluster as All, Namespace as In};
     let cluster = Cluster::shared();
     apply_cluster_prerequisites(cluster)?;
+    let rbac = RbacCopy::apply(cluster, &["deploy/rbac.yaml"])?;
+    let user = rbac.user.as_str();
+    wait_for_rights(
+        cluster,
+        user,
+        ("create", "tokenreviews.authentication.k8s.io", All),
+    )?;
     let ar = "approvalrequests.tollgate.dev";
     let must: &[(&str, &str, Scope)] = &[
         // discovery
@@ -725,66 +1115,20 @@ fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         ("approve", ar, All),
         ("deny", ar, All),
     ];
-    let mut wrong = expect_rights(cluster, AGENT_USER, true, must)?;
-    wrong.extend(expect_rights(cluster, AGENT_USER, false, must_not)?);
+    let mut wrong = expect_rights(cluster, user, true, must)?;
+    wrong.extend(expect_rights(cluster, user, false, must_not)?);
     ensure!(
         wrong.is_empty(),
         "the agent's RBAC is wrong:\n{}",
         wrong.join("\n")
     );
 
-    // The requests the agent really makes, with a token of its account: the Service by
+    // The requests the agent really makes, with a token of the account: the Service by
     // name and the EndpointSlices by label (as discovery watches them), its policy
     // ConfigMap by name; a list of Secrets is refused.
-    let token = cluster
-        .kubectl_ok(&[
-            "create",
-            "token",
-            "tollgate-agent",
-            "-n",
-            NAMESPACE,
-            "--duration=10m",
-        ])?
-        .trim()
-        .to_owned();
-    // A kubeconfig of its own: the admin's holds a client certificate, which the API
-    // server would take over any token.
-    let server = cluster.kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ])?;
     let dir = scratch_dir("agent-token")?;
-    let kubeconfig = dir.join("agent.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: agent\n  context: {{cluster: c, user: agent}}\ncurrent-context: agent\n",
-            cluster.layout.pki().join("ca.crt").display()
-        ),
-    )?;
-    let as_agent = |args: &[&str]| -> Result<Output> {
-        Ok(std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()?)
-    };
-    let out = as_agent(&[
-        "auth",
-        "whoami",
-        "-o",
-        "jsonpath={.status.userInfo.username}",
-    ])?;
-    ensure!(
-        text(&out.stdout) == AGENT_USER,
-        "the token is not the agent's: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let kubeconfig = rbac.kubeconfig(cluster, &dir)?;
+    let as_agent = |args: &[&str]| kubectl_as(&kubeconfig, args);
     for args in [
         &["get", "--raw", "/api/v1/namespaces/default/services?fieldSelector=metadata.name%3Dkubernetes"][..],
         &["get", "--raw", "/api/v1/namespaces/default/services?fieldSelector=metadata.name%3Dkubernetes&watch=true&timeoutSeconds=1"],
@@ -807,6 +1151,520 @@ fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         text(&out.stdout),
         text(&out.stderr)
     );
+    Ok(())
+}
+
+/// The injected-ca component (deploy/injected-ca), enabled as docs/install.md says, is
+/// accepted by the API server whole: the base's objects and the component's, every one
+/// labelled. Its DaemonSet is the base's with the trust mode, the REST API's names and
+/// the webhook's port added and the TLS Secret taken out, nothing else; its Pod is
+/// admitted in tollgate-system. The webhook's Service reaches that port on the agents,
+/// and the names the manifests share with the agent (Service, webhook configuration,
+/// CA Secret, bundle ConfigMap) are the agent's defaults.
+#[test]
+fn the_injected_ca_component_is_accepted_by_the_api_server() -> Result<()> {
+    let cluster = Cluster::shared();
+    let dir = scratch_dir("injected-ca")?;
+    let items = injected_ca_as_the_server_sees_it(cluster, &dir)?;
+    let base = base_as_the_server_sees_it(cluster)?;
+
+    let found = object_set(&items);
+    let mut expected = expected_objects(BASE_OBJECTS);
+    expected.extend(expected_objects(INJECTED_CA_OBJECTS));
+    ensure!(
+        found == expected,
+        "base + injected-ca differ from an install's objects:\n missing: {:?}\n unexpected: {:?}",
+        expected.difference(&found).collect::<Vec<_>>(),
+        found.difference(&expected).collect::<Vec<_>>()
+    );
+    for o in &items {
+        ensure!(
+            o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "tollgate",
+            "{} {} lacks the part-of label",
+            o["kind"],
+            o["metadata"]["name"]
+        );
+    }
+
+    // The DaemonSet: the trust mode, the names reviewers reach the REST API by, the
+    // webhook's port; no serving certificate from the cluster CA.
+    let help = run_help()?;
+    let daemonset = object(&items, "DaemonSet", "tollgate-agent")?;
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    ensure!(env_literal(container, "TOLLGATE_TRUST_MODE")? == "injected-ca");
+    let sans = env_literal(container, "TOLLGATE_SERVING_SANS")?;
+    ensure!(
+        sans.split(',')
+            .any(|s| s == "tollgate-api.tollgate-system.svc"),
+        "the REST API's Service name is not in the serving certificate: {sans}"
+    );
+    let pod_spec = daemonset["spec"]["template"]["spec"].to_string();
+    for gone in [
+        "TOLLGATE_TLS_CERT",
+        "TOLLGATE_TLS_KEY",
+        "tollgate-tls",
+        "/etc/tollgate/tls",
+    ] {
+        ensure!(
+            !pod_spec.contains(gone),
+            "the injected-ca DaemonSet still has {gone}"
+        );
+    }
+    let listen = run_default(&help, "--webhook-listen")?;
+    let webhook_port: u64 = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("--webhook-listen default {listen}"))?;
+    let port = container["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["name"] == "webhook"))
+        .context("no container port named webhook")?;
+    ensure!(
+        port["containerPort"] == webhook_port && port["protocol"] == "TCP",
+        "the webhook port {port} is not the agent's {listen}"
+    );
+    // Nothing else differs from the base's DaemonSet.
+    let base_daemonset = object(&base, "DaemonSet", "tollgate-agent")?;
+    let without = |daemonset: &Value, env: &[&str], port: &str, volume: &str| -> Value {
+        let mut daemonset = daemonset.clone();
+        let spec = &mut daemonset["spec"]["template"]["spec"];
+        if let Some(volumes) = spec["volumes"].as_array_mut() {
+            volumes.retain(|v| v["name"] != volume);
+        }
+        spec["volumes"] = sorted_by(&spec["volumes"], "name");
+        let container = &mut spec["containers"][0];
+        if let Some(vars) = container["env"].as_array_mut() {
+            vars.retain(|e| !env.iter().any(|name| e["name"] == *name));
+        }
+        if let Some(ports) = container["ports"].as_array_mut() {
+            ports.retain(|p| p["name"] != port);
+        }
+        if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+            mounts.retain(|m| m["name"] != volume);
+        }
+        container["env"] = sorted_by(&container["env"], "name");
+        container["ports"] = sorted_by(&container["ports"], "name");
+        container["volumeMounts"] = sorted_by(&container["volumeMounts"], "mountPath");
+        json!({"labels": daemonset["metadata"]["labels"], "spec": daemonset["spec"]})
+    };
+    ensure!(
+        without(
+            daemonset,
+            &["TOLLGATE_TRUST_MODE", "TOLLGATE_SERVING_SANS"],
+            "webhook",
+            "tls"
+        ) == without(
+            base_daemonset,
+            &["TOLLGATE_TLS_CERT", "TOLLGATE_TLS_KEY"],
+            "webhook",
+            "tls"
+        ),
+        "the injected-ca DaemonSet differs from the base's in more than the trust mode"
+    );
+    let out = dry_run_create(cluster, &pod_from_template(daemonset, NAMESPACE), &dir)?;
+    ensure!(
+        out.status.success(),
+        "the injected-ca agent's Pod is refused in {NAMESPACE}: {}",
+        text(&out.stderr)
+    );
+
+    // The Service the API server calls reaches that port on the agents, and the
+    // webhooks call that Service at the agent's path.
+    let webhook_service = run_default(&help, "--webhook-service")?;
+    let (service_ns, service_name) = webhook_service
+        .split_once('/')
+        .context("--webhook-service")?;
+    let service = object(&items, "Service", service_name)?;
+    ensure!(service["metadata"]["namespace"] == service_ns);
+    let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"]
+        .as_object()
+        .context("the webhook Service's selector")?
+    {
+        ensure!(
+            &pod_labels[key] == value,
+            "the webhook Service selects {key}={value}, which the agent pods do not carry"
+        );
+    }
+    let service_port = service["spec"]["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["targetPort"] == "webhook"))
+        .context("the webhook Service does not target the webhook port")?;
+    let configuration_name = run_default(&help, "--webhook-configuration")?;
+    let configuration = object(&items, "MutatingWebhookConfiguration", &configuration_name)?;
+    for webhook in configuration["webhooks"].as_array().context("webhooks")? {
+        ensure!(
+            webhook["clientConfig"]["service"]
+                == json!({
+                    "namespace": service_ns,
+                    "name": service_name,
+                    "port": service_port["port"],
+                    "path": gateway_agent::trust::webhook::MUTATE_PATH,
+                }),
+            "webhook {} does not call the agent's Service: {}",
+            webhook["name"],
+            webhook["clientConfig"]
+        );
+    }
+
+    // RBAC and the admission policy name what the agent writes by its defaults.
+    let bundle = run_default(&help, "--trust-bundle-configmap")?;
+    let ca_secret = run_default(&help, "--ca-secret")?;
+    let (ca_ns, ca_name) = ca_secret.split_once('/').context("--ca-secret")?;
+    let grants = |role: &Value, resource: &str, name: &str, verb: &str| {
+        role["rules"].as_array().into_iter().flatten().any(|rule| {
+            strings(&rule["resources"]).contains(&resource)
+                && strings(&rule["resourceNames"]).contains(&name)
+                && strings(&rule["verbs"]).contains(&verb)
+        })
+    };
+    let trust_role = object(&items, "ClusterRole", "tollgate-agent-trust")?;
+    ensure!(grants(trust_role, "configmaps", &bundle, "update"));
+    ensure!(grants(
+        trust_role,
+        "mutatingwebhookconfigurations",
+        &configuration_name,
+        "patch"
+    ));
+    let ca_role = object(&items, "Role", "tollgate-agent-ca")?;
+    ensure!(ca_role["metadata"]["namespace"] == ca_ns);
+    for verb in ["get", "watch", "update"] {
+        ensure!(
+            grants(ca_role, "secrets", ca_name, verb),
+            "{verb} {ca_secret}"
+        );
+    }
+    let policy = object(
+        &items,
+        "ValidatingAdmissionPolicy",
+        "tollgate-agent-creates",
+    )?;
+    let policy_text = policy["spec"].to_string();
+    for name in [bundle.as_str(), ca_ns, ca_name, AGENT_USER] {
+        ensure!(
+            policy_text.contains(&format!("'{name}'")),
+            "the admission policy does not name {name}"
+        );
+    }
+    ensure!(policy["spec"]["failurePolicy"] == "Fail");
+    let binding = object(
+        &items,
+        "ValidatingAdmissionPolicyBinding",
+        "tollgate-agent-creates",
+    )?;
+    ensure!(
+        binding["spec"]["policyName"] == "tollgate-agent-creates"
+            && strings(&binding["spec"]["validationActions"]) == ["Deny"]
+    );
+    Ok(())
+}
+
+/// The MutatingWebhookConfiguration: both webhooks take Pod CREATEs only, fail closed,
+/// have no side effects on dry-run and never see kube-system or tollgate-system. Between
+/// them they are sent exactly the pods discovery enforces (`enforcement_of`), each such
+/// pod once, and no other pod, so an outage of the agents refuses only those.
+#[test]
+fn the_webhook_is_sent_exactly_the_enforced_pods_and_never_the_system_namespaces() -> Result<()> {
+    use gateway_agent::discovery::{enforcement_of, Enforcement, ENFORCE_LABEL};
+    let cluster = Cluster::shared();
+    let dir = scratch_dir("webhook")?;
+    let items = injected_ca_as_the_server_sees_it(cluster, &dir)?;
+    let configuration = object(&items, "MutatingWebhookConfiguration", "tollgate")?;
+    let webhooks = configuration["webhooks"].as_array().context("webhooks")?;
+    ensure!(webhooks.len() == 2, "two webhooks: {}", webhooks.len());
+    const SYSTEM: [&str; 2] = ["kube-system", "tollgate-system"];
+    for webhook in webhooks {
+        let name = webhook["name"].as_str().unwrap_or_default();
+        ensure!(
+            name.ends_with(".trust.tollgate.dev"),
+            "{name}: a refused pod's error names the webhook"
+        );
+        ensure!(webhook["failurePolicy"] == "Fail", "{name}: failurePolicy");
+        ensure!(
+            webhook["sideEffects"] == "NoneOnDryRun",
+            "{name}: sideEffects"
+        );
+        ensure!(
+            strings(&webhook["admissionReviewVersions"]).contains(&"v1"),
+            "{name}: admissionReviewVersions"
+        );
+        ensure!(
+            webhook["rules"]
+                == json!([{
+                    "operations": ["CREATE"],
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "resources": ["pods"],
+                    "scope": "Namespaced",
+                }]),
+            "{name}: Pod CREATEs only, not {}",
+            webhook["rules"]
+        );
+        ensure!(
+            webhook["clientConfig"]["caBundle"].is_null()
+                && webhook["clientConfig"]["url"].is_null(),
+            "{name}: the agents set the caBundle; the API server calls the Service"
+        );
+        ensure!(
+            webhook["timeoutSeconds"]
+                .as_i64()
+                .is_some_and(|t| (1..=10).contains(&t)),
+            "{name}: a pod's creation waits up to timeoutSeconds ({})",
+            webhook["timeoutSeconds"]
+        );
+        let excluded = webhook["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| {
+                e["key"] == "kubernetes.io/metadata.name"
+                    && e["operator"] == "NotIn"
+                    && SYSTEM.iter().all(|ns| strings(&e["values"]).contains(ns))
+            });
+        ensure!(
+            excluded,
+            "{name}: kube-system and tollgate-system must be excluded by name"
+        );
+    }
+    let by_pod_label = webhooks
+        .iter()
+        .find(|w| {
+            w["objectSelector"]
+                .as_object()
+                .is_some_and(|o| !o.is_empty())
+        })
+        .context("no webhook selects pods by their label")?;
+    ensure!(
+        by_pod_label["objectSelector"] == json!({"matchLabels": {ENFORCE_LABEL: "true"}}),
+        "the pod-label webhook's objectSelector: {}",
+        by_pod_label["objectSelector"]
+    );
+
+    // Which webhooks a pod is sent to, against what discovery enforces. The API server
+    // sets kubernetes.io/metadata.name on every namespace.
+    let label = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    for namespace in ["agents", "kube-system", "tollgate-system"] {
+        for namespace_label in [None, Some("true"), Some("false")] {
+            for pod_label in [None, Some("true"), Some("false")] {
+                let mut ns_labels = label(&[("kubernetes.io/metadata.name", namespace)]);
+                if let Some(value) = namespace_label {
+                    ns_labels.insert(ENFORCE_LABEL.to_owned(), value.to_owned());
+                }
+                let mut pod_labels = label(&[("app", "coder")]);
+                if let Some(value) = pod_label {
+                    pod_labels.insert(ENFORCE_LABEL.to_owned(), value.to_owned());
+                }
+                let mut sent = Vec::new();
+                for webhook in webhooks {
+                    if selects(&webhook["namespaceSelector"], &ns_labels)?
+                        && selects(&webhook["objectSelector"], &pod_labels)?
+                    {
+                        sent.push(webhook["name"].as_str().unwrap_or_default());
+                    }
+                }
+                let enforced =
+                    enforcement_of(&pod_labels, Some(&ns_labels)) == Enforcement::Enforced;
+                let expected = usize::from(enforced && !SYSTEM.contains(&namespace));
+                ensure!(
+                    sent.len() == expected,
+                    "a pod labelled {pod_label:?} in {namespace} labelled {namespace_label:?} \
+                     is sent to {sent:?}; expected {expected} webhook(s)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The injected-ca RBAC and admission policy (with deploy/rbac.yaml, bound to an account
+/// of the test's own: see [`RbacCopy`]) let the agent keep its CA Secret, write the
+/// trust bundles, keep the webhook's caBundle and read namespaces, and nothing more: no
+/// other Secret, no ConfigMap updates but the bundle's, no deletes, no other webhook
+/// configuration, no admission policies; and it creates only the CA Secret and bundles
+/// (real server-side dry-run requests with a token of the account).
+#[test]
+fn the_injected_ca_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
+    use Scope::{Cluster as All, Namespace as In};
+    let cluster = Cluster::shared();
+    apply_cluster_prerequisites(cluster)?;
+    let rbac = RbacCopy::apply(
+        cluster,
+        &[
+            "deploy/rbac.yaml",
+            "deploy/injected-ca/rbac.yaml",
+            "deploy/injected-ca/agent-creates.yaml",
+        ],
+    )?;
+    let user = rbac.user.as_str();
+    wait_for_rights(cluster, user, ("get", "secrets/tollgate-ca", In(NAMESPACE)))?;
+    let mwc = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
+    let tollgate_mwc = format!("{mwc}/tollgate");
+    let vwc = "validatingwebhookconfigurations.admissionregistration.k8s.io";
+    let vap = "validatingadmissionpolicies.admissionregistration.k8s.io";
+    let vapb = "validatingadmissionpolicybindings.admissionregistration.k8s.io";
+    let must: &[(&str, &str, Scope)] = &[
+        // Tollgate's CA: one Secret, by name; created by the first agent.
+        ("get", "secrets/tollgate-ca", In(NAMESPACE)),
+        ("list", "secrets/tollgate-ca", In(NAMESPACE)),
+        ("watch", "secrets/tollgate-ca", In(NAMESPACE)),
+        ("update", "secrets/tollgate-ca", In(NAMESPACE)),
+        ("create", "secrets", In(NAMESPACE)),
+        // the trust bundles: watched cluster-wide, written where pods are enforced
+        ("get", "configmaps", All),
+        ("list", "configmaps", All),
+        ("watch", "configmaps", All),
+        ("create", "configmaps", In("agents")),
+        ("update", "configmaps/tollgate-ca-bundle", In("agents")),
+        // the webhook's caBundle
+        ("get", &tollgate_mwc, All),
+        ("list", &tollgate_mwc, All),
+        ("watch", &tollgate_mwc, All),
+        ("patch", &tollgate_mwc, All),
+        // the webhook reads a pod's namespace labels
+        ("get", "namespaces", All),
+    ];
+    let must_not: &[(&str, &str, Scope)] = &[
+        // no other Secret, no Secret elsewhere
+        ("get", "secrets/other", In(NAMESPACE)),
+        ("update", "secrets/other", In(NAMESPACE)),
+        ("list", "secrets", In(NAMESPACE)),
+        ("watch", "secrets", In(NAMESPACE)),
+        ("get", "secrets", All),
+        ("list", "secrets", All),
+        ("get", "secrets/tollgate-ca", In("default")),
+        ("create", "secrets", In("agents")),
+        ("patch", "secrets/tollgate-ca", In(NAMESPACE)),
+        ("delete", "secrets/tollgate-ca", In(NAMESPACE)),
+        // ConfigMaps: the bundle's update only, no deletes
+        ("update", "configmaps", In("agents")),
+        ("update", "configmaps/kube-root-ca.crt", In("agents")),
+        ("update", "configmaps/aws-auth", In("kube-system")),
+        ("update", "configmaps/tollgate-policy", In(NAMESPACE)),
+        ("patch", "configmaps/tollgate-ca-bundle", In("agents")),
+        ("patch", "configmaps", All),
+        ("delete", "configmaps", All),
+        ("delete", "configmaps/tollgate-ca-bundle", In("agents")),
+        ("deletecollection", "configmaps", All),
+        // no other webhook configuration, no new one, no admission policies
+        ("patch", &format!("{mwc}/other"), All),
+        ("update", &tollgate_mwc, All),
+        ("delete", &tollgate_mwc, All),
+        ("list", mwc, All),
+        ("create", mwc, All),
+        ("delete", mwc, All),
+        ("get", vwc, All),
+        ("create", vwc, All),
+        ("patch", &format!("{vwc}/tollgate"), All),
+        ("create", vap, All),
+        ("update", &format!("{vap}/tollgate-agent-creates"), All),
+        ("delete", &format!("{vap}/tollgate-agent-creates"), All),
+        ("update", &format!("{vapb}/tollgate-agent-creates"), All),
+        ("delete", &format!("{vapb}/tollgate-agent-creates"), All),
+        // the rest as in the base
+        ("update", "namespaces", All),
+        ("patch", "namespaces", All),
+        ("create", "serviceaccounts#token", In(NAMESPACE)),
+        (
+            "create",
+            "certificatesigningrequests.certificates.k8s.io",
+            All,
+        ),
+        ("impersonate", "serviceaccounts", All),
+    ];
+    let mut wrong = expect_rights(cluster, user, true, must)?;
+    wrong.extend(expect_rights(cluster, user, false, must_not)?);
+    ensure!(
+        wrong.is_empty(),
+        "the injected-ca agent's RBAC is wrong:\n{}",
+        wrong.join("\n")
+    );
+
+    // The reads the agent really makes, with a token of the account.
+    let dir = scratch_dir("trust-token")?;
+    let kubeconfig = rbac.kubeconfig(cluster, &dir)?;
+    let as_agent = |args: &[&str]| kubectl_as(&kubeconfig, args);
+    for path in [
+        "/api/v1/configmaps?labelSelector=tollgate.dev%2Ftrust-bundle%3Dtrue&fieldSelector=metadata.name%3Dtollgate-ca-bundle&limit=1",
+        "/api/v1/namespaces/tollgate-system/secrets?fieldSelector=metadata.name%3Dtollgate-ca",
+        "/api/v1/namespaces/tollgate-system/secrets?fieldSelector=metadata.name%3Dtollgate-ca&watch=true&timeoutSeconds=1",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?fieldSelector=metadata.name%3Dtollgate",
+        "/api/v1/namespaces/default",
+    ] {
+        let out = as_agent(&["get", "--raw", path])?;
+        ensure!(
+            out.status.success(),
+            "the agent's request {path} was refused: {}",
+            text(&out.stderr)
+        );
+    }
+    for path in [
+        "/api/v1/namespaces/tollgate-system/secrets?limit=1",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?limit=1",
+    ] {
+        let out = as_agent(&["get", "--raw", path])?;
+        ensure!(
+            !out.status.success() && text(&out.stderr).contains("forbidden"),
+            "the agent may read {path}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+
+    // What RBAC cannot say, the admission policy does: the agent creates the CA Secret
+    // and bundles, nothing else, though RBAC lets it create any ConfigMap anywhere and
+    // any Secret in tollgate-system. (Server-side dry-runs: admission runs, nothing is
+    // stored. A new policy takes a moment to be enforced.)
+    let rt = tokio::runtime::Runtime::new()?;
+    let ns = rt.block_on(cluster.namespace("deploy-trust"))?;
+    let create = |args: &[&str]| -> Result<Output> {
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        all.push("--dry-run=server");
+        as_agent(&all)
+    };
+    const REFUSAL: &str = "the Tollgate agent creates only";
+    tollgate_tests::cluster::harness::wait_until(
+        "the admission policy to refuse the agent's ConfigMap",
+        std::time::Duration::from_secs(30),
+        || {
+            create(&["configmap", "aws-auth", "-n", &ns.name])
+                .is_ok_and(|out| !out.status.success() && text(&out.stderr).contains(REFUSAL))
+        },
+    )?;
+    let out = create(&["configmap", "tollgate-ca-bundle", "-n", &ns.name])?;
+    ensure!(
+        out.status.success(),
+        "the agent cannot create a bundle: {}",
+        text(&out.stderr)
+    );
+    let out = create(&["secret", "generic", "other", "-n", NAMESPACE])?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains(REFUSAL),
+        "the agent may create another Secret in {NAMESPACE}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The CA Secret passes admission (it may exist already: then the store says so).
+    let out = create(&["secret", "generic", "tollgate-ca", "-n", NAMESPACE])?;
+    ensure!(
+        out.status.success() || text(&out.stderr).contains("already exists"),
+        "the agent cannot create its CA Secret: {}",
+        text(&out.stderr)
+    );
+    let out = create(&["secret", "generic", "tollgate-ca", "-n", &ns.name])?;
+    ensure!(
+        !out.status.success() && text(&out.stderr).contains("forbidden"),
+        "the agent may create Secrets outside {NAMESPACE}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    drop(ns);
     Ok(())
 }
 
