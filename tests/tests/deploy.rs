@@ -183,6 +183,12 @@ const INJECTED_CA_OBJECTS: &[(&str, &str, &str)] = &[
         "",
         "tollgate-agent-creates",
     ),
+    ("ValidatingAdmissionPolicy", "", "tollgate-agent-cabundle"),
+    (
+        "ValidatingAdmissionPolicyBinding",
+        "",
+        "tollgate-agent-cabundle",
+    ),
 ];
 
 fn expected_objects(lists: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
@@ -769,6 +775,9 @@ struct RbacCopy {
     account: String,
     /// `system:serviceaccount:tollgate-system:<account>`.
     user: String,
+    /// The MutatingWebhookConfiguration the copied rules name instead of `tollgate`
+    /// (which suite `trust` owns on the shared cluster).
+    webhook_configuration: String,
     /// (resource, namespace, name) of what was made, for the clean-up.
     made: Vec<(String, Option<String>, String)>,
 }
@@ -780,6 +789,7 @@ impl RbacCopy {
         let mut copy = RbacCopy {
             user: format!("system:serviceaccount:{NAMESPACE}:{account}"),
             account,
+            webhook_configuration: format!("tollgate-{suffix}"),
             made: Vec::new(),
         };
         let renamed = |name: &str| format!("{name}-{suffix}");
@@ -845,6 +855,17 @@ impl RbacCopy {
                 .to_owned();
             object["metadata"]["name"] = json!(renamed(&name));
             match kind.as_str() {
+                "ClusterRole" | "Role" => {
+                    for rule in object["rules"].as_array_mut().into_iter().flatten() {
+                        if strings(&rule["resources"]).contains(&"mutatingwebhookconfigurations") {
+                            for name in rule["resourceNames"].as_array_mut().into_iter().flatten() {
+                                if name == "tollgate" {
+                                    *name = json!(copy.webhook_configuration);
+                                }
+                            }
+                        }
+                    }
+                }
                 "ClusterRoleBinding" | "RoleBinding" => {
                     let role_kind = object["roleRef"]["kind"].as_str().unwrap_or_default();
                     let role = object["roleRef"]["name"]
@@ -1335,28 +1356,41 @@ fn the_injected_ca_component_is_accepted_by_the_api_server() -> Result<()> {
             "{verb} {ca_secret}"
         );
     }
-    let policy = object(
+    let creates = object(
         &items,
         "ValidatingAdmissionPolicy",
         "tollgate-agent-creates",
     )?;
-    let policy_text = policy["spec"].to_string();
+    let creates_text = creates["spec"].to_string();
     for name in [bundle.as_str(), ca_ns, ca_name, AGENT_USER] {
         ensure!(
-            policy_text.contains(&format!("'{name}'")),
-            "the admission policy does not name {name}"
+            creates_text.contains(&format!("'{name}'")),
+            "the admission policy on creates does not name {name}"
         );
     }
-    ensure!(policy["spec"]["failurePolicy"] == "Fail");
-    let binding = object(
+    let ca_bundle = object(
         &items,
-        "ValidatingAdmissionPolicyBinding",
-        "tollgate-agent-creates",
+        "ValidatingAdmissionPolicy",
+        "tollgate-agent-cabundle",
     )?;
     ensure!(
-        binding["spec"]["policyName"] == "tollgate-agent-creates"
-            && strings(&binding["spec"]["validationActions"]) == ["Deny"]
+        ca_bundle["spec"]
+            .to_string()
+            .contains(&format!("'{AGENT_USER}'")),
+        "the admission policy on the webhook configuration does not name the agent"
     );
+    for policy in ["tollgate-agent-creates", "tollgate-agent-cabundle"] {
+        ensure!(
+            object(&items, "ValidatingAdmissionPolicy", policy)?["spec"]["failurePolicy"] == "Fail"
+        );
+        let binding = object(&items, "ValidatingAdmissionPolicyBinding", policy)?;
+        ensure!(
+            binding["spec"]["policyName"] == policy
+                && strings(&binding["spec"]["validationActions"]) == ["Deny"],
+            "binding {policy}: {}",
+            binding["spec"]
+        );
+    }
     Ok(())
 }
 
@@ -1498,13 +1532,14 @@ fn the_injected_ca_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         &[
             "deploy/rbac.yaml",
             "deploy/injected-ca/rbac.yaml",
-            "deploy/injected-ca/agent-creates.yaml",
+            "deploy/injected-ca/agent-writes.yaml",
         ],
     )?;
     let user = rbac.user.as_str();
     wait_for_rights(cluster, user, ("get", "secrets/tollgate-ca", In(NAMESPACE)))?;
     let mwc = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
-    let tollgate_mwc = format!("{mwc}/tollgate");
+    // The copy's rules name a configuration of the test's own (see RbacCopy).
+    let tollgate_mwc = format!("{mwc}/{}", rbac.webhook_configuration);
     let vwc = "validatingwebhookconfigurations.admissionregistration.k8s.io";
     let vap = "validatingadmissionpolicies.admissionregistration.k8s.io";
     let vapb = "validatingadmissionpolicybindings.admissionregistration.k8s.io";
@@ -1566,6 +1601,8 @@ fn the_injected_ca_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         ("delete", &format!("{vap}/tollgate-agent-creates"), All),
         ("update", &format!("{vapb}/tollgate-agent-creates"), All),
         ("delete", &format!("{vapb}/tollgate-agent-creates"), All),
+        ("update", &format!("{vap}/tollgate-agent-cabundle"), All),
+        ("delete", &format!("{vapb}/tollgate-agent-cabundle"), All),
         // the rest as in the base
         ("update", "namespaces", All),
         ("patch", "namespaces", All),
@@ -1593,7 +1630,7 @@ fn the_injected_ca_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         "/api/v1/configmaps?labelSelector=tollgate.dev%2Ftrust-bundle%3Dtrue&fieldSelector=metadata.name%3Dtollgate-ca-bundle&limit=1",
         "/api/v1/namespaces/tollgate-system/secrets?fieldSelector=metadata.name%3Dtollgate-ca",
         "/api/v1/namespaces/tollgate-system/secrets?fieldSelector=metadata.name%3Dtollgate-ca&watch=true&timeoutSeconds=1",
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?fieldSelector=metadata.name%3Dtollgate",
+        &format!("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?fieldSelector=metadata.name%3D{}", rbac.webhook_configuration),
         "/api/v1/namespaces/default",
     ] {
         let out = as_agent(&["get", "--raw", path])?;
@@ -1665,7 +1702,142 @@ fn the_injected_ca_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         text(&out.stderr)
     );
     drop(ns);
+
+    // The webhook configuration: the agent may set caBundle and change nothing else,
+    // though RBAC lets it patch any field. A configuration of the test's own, which no
+    // namespace selects and which ignores failures, so it never sees a pod.
+    let never = format!("tollgate.dev/deploy-test-{}", rbac.webhook_configuration);
+    let webhook = |name: &str| {
+        json!({
+            "name": name,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Ignore",
+            "clientConfig": {"service": {
+                "namespace": NAMESPACE, "name": "tollgate-webhook",
+                "path": "/mutate-pods", "port": 443,
+            }},
+            "rules": [{
+                "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                "resources": ["pods"], "scope": "Namespaced",
+            }],
+            "namespaceSelector": {"matchExpressions": [{"key": never, "operator": "Exists"}]},
+            "objectSelector": {"matchExpressions": [{"key": never, "operator": "Exists"}]},
+        })
+    };
+    cluster.apply_yaml(
+        &json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": rbac.webhook_configuration},
+            "webhooks": [webhook("a.deploy-test.tollgate.dev"), webhook("b.deploy-test.tollgate.dev")],
+        })
+        .to_string(),
+    )?;
+    let _configuration = Deleted(
+        "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+        rbac.webhook_configuration.clone(),
+    );
+    let patch = |ops: Value| {
+        as_agent(&[
+            "patch",
+            "mutatingwebhookconfiguration",
+            &rbac.webhook_configuration,
+            "--type=json",
+            "-p",
+            &ops.to_string(),
+            "--dry-run=server",
+        ])
+    };
+    const ONLY_CA_BUNDLE: &str = "may change only the webhooks' clientConfig.caBundle";
+    let ca_bundle = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(cluster.layout.pki().join("ca.crt"))?,
+    );
+    let changes = [
+        (
+            "another Service",
+            json!([{"op": "replace", "path": "/webhooks/0/clientConfig/service/name", "value": "elsewhere"}]),
+        ),
+        (
+            "a URL",
+            json!([{"op": "remove", "path": "/webhooks/1/clientConfig/service"},
+                   {"op": "add", "path": "/webhooks/1/clientConfig/url", "value": "https://example.com/mutate"}]),
+        ),
+        (
+            "every namespace",
+            json!([{"op": "replace", "path": "/webhooks/0/namespaceSelector", "value": {}}]),
+        ),
+        (
+            "other resources",
+            json!([{"op": "replace", "path": "/webhooks/1/rules/0/resources", "value": ["*"]}]),
+        ),
+        (
+            "fail closed",
+            json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Fail"}]),
+        ),
+        (
+            "one webhook fewer",
+            json!([{"op": "remove", "path": "/webhooks/1"}]),
+        ),
+        (
+            "one webhook more",
+            json!([{"op": "add", "path": "/webhooks/-", "value": webhook("c.deploy-test.tollgate.dev")}]),
+        ),
+    ];
+    // A new policy takes a moment to be enforced: wait for the first refusal.
+    tollgate_tests::cluster::harness::wait_until(
+        "the admission policy to refuse the agent's change of the webhook configuration",
+        std::time::Duration::from_secs(30),
+        || {
+            patch(changes[0].1.clone()).is_ok_and(|out| {
+                !out.status.success() && text(&out.stderr).contains(ONLY_CA_BUNDLE)
+            })
+        },
+    )?;
+    for (what, ops) in &changes {
+        let out = patch(ops.clone())?;
+        ensure!(
+            !out.status.success() && text(&out.stderr).contains(ONLY_CA_BUNDLE),
+            "the agent may change its webhook configuration to {what}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    // What the agent does (`bundle::keep_webhook_ca_bundle`): a test of each webhook's
+    // name and an add of its caBundle.
+    let out = patch(json!([
+        {"op": "test", "path": "/webhooks/0/name", "value": "a.deploy-test.tollgate.dev"},
+        {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": ca_bundle},
+        {"op": "test", "path": "/webhooks/1/name", "value": "b.deploy-test.tollgate.dev"},
+        {"op": "add", "path": "/webhooks/1/clientConfig/caBundle", "value": ca_bundle},
+    ]))?;
+    ensure!(
+        out.status.success(),
+        "the agent cannot set its webhooks' caBundle: {}",
+        text(&out.stderr)
+    );
     Ok(())
+}
+
+/// Deletes a cluster-scoped object (resource, name) when dropped.
+struct Deleted(&'static str, String);
+
+impl Drop for Deleted {
+    fn drop(&mut self) {
+        let _ = Cluster::shared()
+            .kubectl()
+            .args([
+                "delete",
+                self.0,
+                &self.1,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// `gateway-agent policy rbac` grants the agent impersonation of exactly the accounts a
