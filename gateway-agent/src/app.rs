@@ -52,6 +52,11 @@ pub enum AppError {
     },
     #[error("trust ({0})")]
     Trust(String),
+    #[error("admission webhook listener {addr}: {source}")]
+    WebhookListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("proxy listener {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -485,7 +490,7 @@ async fn start_trust(
     ));
     let listener = TcpListener::bind(injected.webhook_listen)
         .await
-        .map_err(|source| AppError::Listen {
+        .map_err(|source| AppError::WebhookListen {
             addr: injected.webhook_listen,
             source,
         })?;

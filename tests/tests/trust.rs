@@ -175,7 +175,7 @@ impl Drop for WebhookConfiguration {
     }
 }
 
-/// Everything an injected-ca agent needs on the cluster: the RBAC of the overlay, a
+/// Everything an injected-ca agent needs on the cluster: the component's RBAC and admission policies, a
 /// fresh CA (a Secret left by an earlier run would be adopted, as in production; the
 /// suite wants to see one created), the webhook configuration, and the agent.
 fn start(cluster: &Cluster) -> (WebhookConfiguration, RunningAgent) {
@@ -194,10 +194,14 @@ fn start_with(cluster: &Cluster, flags: &[&str]) -> (WebhookConfiguration, Runni
     cluster
         .kubectl_ok(&["apply", "-f", base.to_str().expect("path")])
         .expect("base RBAC");
-    let overlay = workspace_root().join("deploy/injected-ca/rbac.yaml");
-    cluster
-        .kubectl_ok(&["apply", "-f", overlay.to_str().expect("path")])
-        .expect("injected-ca RBAC");
+    // The component's RBAC and the admission policies that bound the agent's writes:
+    // the agent runs with exactly what deploy/injected-ca gives it.
+    for file in ["rbac.yaml", "agent-writes.yaml"] {
+        let path = workspace_root().join("deploy/injected-ca").join(file);
+        cluster
+            .kubectl_ok(&["apply", "-f", path.to_str().expect("path")])
+            .unwrap_or_else(|e| panic!("applying deploy/injected-ca/{file}: {e:#}"));
+    }
     let webhook = WebhookConfiguration::install(cluster, &node.ip.to_string());
     let mut options = AgentOptions::new(AGENT, 1, POLICY);
     options.injected_ca = true;
