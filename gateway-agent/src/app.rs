@@ -265,6 +265,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         recorder: recorder.clone(),
         record_body_limit: config.recording.record_max_body_bytes,
     });
+    let (drain, draining) = proxy::Drain::new();
     let acceptor = Arc::new(Acceptor {
         gateway,
         tls: TlsAcceptor::from(serving.server_config()?),
@@ -272,6 +273,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         directory,
         classify_timeout: config.classify_timeout,
         metrics,
+        draining,
     });
     let mut listen_on: Vec<SocketAddr> = config
         .proxy_addresses
@@ -294,9 +296,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     info!(node = %config.node_name, "agent running");
 
     shutdown_signal().await;
-    info!("shutting down; the kernel data path stays pinned");
+    info!(drain_timeout = ?config.drain_timeout, "shutting down; the kernel data path stays pinned");
+    // No new connections; the open ones finish what they are doing. Until the next
+    // agent listens, enforced pods' new connections are refused (fail closed).
     for listener in listeners {
         listener.abort();
+    }
+    drop(acceptor);
+    match drain.wait(config.drain_timeout).await {
+        0 => info!("every proxied connection drained"),
+        open => warn!(
+            open,
+            "connections still open after the drain timeout are cut (watches and streams: their clients reconnect)"
+        ),
     }
     discovery_task.abort();
     admin_task.abort();

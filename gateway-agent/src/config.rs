@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// (7d, 12h); the agents' logs and the session records keep them [default: 7d].
     #[arg(long, env = "TOLLGATE_APPROVAL_RETENTION", value_parser = parse_duration)]
     pub approval_retention: Option<Duration>,
+    /// On SIGTERM, how long requests in flight get to finish before the agent exits
+    /// and cuts what is still open (watches, exec, held approvals) [default: 10s]. Keep
+    /// it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
     /// Where approvals are kept (flags and environment only, not the YAML file).
     #[command(flatten)]
     pub approvals: crate::approvals::config::ApprovalArgs,
@@ -199,6 +204,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub approval_expiry_interval: Duration,
     pub approval_retention: Duration,
+    pub drain_timeout: Duration,
     pub approvals: crate::approvals::config::ApprovalArgs,
     pub api: crate::api::ApiArgs,
     pub recording: RecordingArgs,
@@ -382,6 +388,7 @@ impl Config {
             approval_retention: args
                 .approval_retention
                 .unwrap_or(Duration::from_secs(7 * 86_400)),
+            drain_timeout: args.drain_timeout.unwrap_or(Duration::from_secs(10)),
             approvals: args.approvals,
             api: args.api,
             recording: args.recording,

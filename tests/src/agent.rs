@@ -235,6 +235,8 @@ impl RunningAgent {
                     .flat_map(|s| ["--approval-store".to_owned(), s.clone()]),
             )
             .args(["--api-listen", &format!("{}:{API_PORT}", node.ip)])
+            // Tests leave in-pod watches open when they end: bound each stop.
+            .args(["--drain-timeout", "5s"])
             .args(&options.extra_args)
             .env("RUST_LOG", "info")
             .env_remove("KUBECONFIG")
@@ -392,19 +394,30 @@ impl RunningAgent {
     /// Stops the agent (SIGTERM, then SIGKILL after 10s). The kernel programs stay
     /// pinned, as on a real restart.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        if self.terminate(Duration::from_secs(10)).is_none() {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
+    }
+
+    /// Sends SIGTERM, as the kubelet does on a rollout, and waits up to `timeout` for
+    /// the agent to exit: its exit status and how long it took to drain, or None (the
+    /// agent still runs) when it did not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let child = self.child.as_mut()?;
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some((status, started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 }
 

@@ -1034,3 +1034,54 @@ async fn many_open_watches_do_not_starve_other_calls() {
     drop(watcher);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rollout sends the agent SIGTERM: a request in flight is not cut but finishes (here
+/// a watch the API server ends after 3 s), the agent then exits by itself, and the
+/// session is closed on disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_sigterm_requests_in_flight_finish_before_the_agent_exits() {
+    let mut agent = agent(ALLOW_ALL);
+    let ns = namespace("proxy-drain").await;
+    let pod = sleeper(&ns, "enforced", true).await;
+    let cluster = Cluster::shared();
+    let path = format!(
+        "/api/v1/namespaces/{}/configmaps?watch=1&timeoutSeconds=3",
+        ns.name
+    );
+    let mut watch = pod
+        .kubectl_exec_child(cluster, &["kubectl", "get", "--raw", &path])
+        .expect("watch starts");
+    assert!(
+        watch.wait_for_line(|| {}, "kube-root-ca.crt", Duration::from_secs(20)),
+        "the watch's first event: {:?}",
+        watch.seen
+    );
+    let (status, took) = agent
+        .terminate(Duration::from_secs(15))
+        .expect("the agent exits within its drain timeout");
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    let ended = watch.wait(Duration::from_secs(10)).expect("the watch ends");
+    assert!(
+        ended.success(),
+        "the watch in flight was cut by the shutdown ({ended}): {:?}\n{}",
+        watch.seen,
+        agent.log_text()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("every proxied connection drained"),
+        "{}",
+        agent.log_text()
+    );
+    eprintln!("  drained in {:.1}s", took.as_secs_f64());
+    let verified = agent
+        .sessions_cli(&["verify", "--strict"])
+        .expect("sessions verify");
+    assert!(
+        verified.status.success(),
+        "sessions left open: {}{}",
+        stdout(&verified),
+        stderr(&verified)
+    );
+}

@@ -35,6 +35,8 @@ pub struct Acceptor<R: TokenReviewer, O: OriginLookup> {
     /// How long a connection from a pod discovery does not know yet may wait.
     pub classify_timeout: Duration,
     pub metrics: Metrics,
+    /// Each enforced connection holds a copy while open, so the agent can drain them.
+    pub draining: super::Draining,
 }
 
 impl<R: TokenReviewer, O: OriginLookup> Acceptor<R, O> {
@@ -125,8 +127,14 @@ impl<R: TokenReviewer, O: OriginLookup> Acceptor<R, O> {
                     // Opened once the TLS handshake succeeds (see serve_connection).
                     recording: crate::recording::SessionHandle::disabled(),
                 };
-                super::serve_connection(stream, self.tls.clone(), self.gateway.clone(), connection)
-                    .await;
+                super::serve_connection(
+                    stream,
+                    self.tls.clone(),
+                    self.gateway.clone(),
+                    connection,
+                    self.draining.clone(),
+                )
+                .await;
             }
         }
     }

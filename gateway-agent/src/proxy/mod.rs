@@ -29,13 +29,52 @@ pub use handler::{ConnectionInfo, Gateway, Limits, PodInfo, PolicyHandle};
 /// How long a client may take to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Tells open connections that the agent is stopping (see [`serve_connection`]); the
+/// agent waits for them with [`Drain::wait`].
+pub struct Drain {
+    signal: tokio::sync::watch::Sender<bool>,
+}
+
+/// What each connection holds while it is open: its end of the [`Drain`].
+pub type Draining = tokio::sync::watch::Receiver<bool>;
+
+impl Drain {
+    pub fn new() -> (Drain, Draining) {
+        let (signal, draining) = tokio::sync::watch::channel(false);
+        (Drain { signal }, draining)
+    }
+
+    /// Starts the drain, then waits until every connection holding a [`Draining`] has
+    /// ended or `timeout` passed; returns how many were still open then.
+    pub async fn wait(self, timeout: std::time::Duration) -> usize {
+        self.signal.send_replace(true);
+        match tokio::time::timeout(timeout, self.signal.closed()).await {
+            Ok(()) => 0,
+            Err(_) => self.signal.receiver_count(),
+        }
+    }
+}
+
+/// Resolves once the agent is stopping (or its [`Drain`] is gone).
+async fn stopping(draining: &mut Draining) {
+    // The guard `wait_for` returns is dropped here, not held across the caller's awaits.
+    if draining.wait_for(|stopping| *stopping).await.is_err() {
+        // No Drain any more: nobody will ask this connection to stop.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Terminates TLS on `stream` and serves HTTP/1.1 or HTTP/2 (with upgrades) on it until
-/// the client goes away.
+/// the client goes away. When `draining` says so, the connection shuts down gracefully:
+/// requests in flight finish (a call being applied is not cut half-way), no new ones
+/// are taken (HTTP/2 GOAWAY; HTTP/1.1 closes after the current response), and the
+/// client opens its next connection to the agent that takes over.
 pub async fn serve_connection<S, R>(
     stream: S,
     acceptor: TlsAcceptor,
     gateway: Arc<Gateway<R>>,
     connection: ConnectionInfo,
+    mut draining: Draining,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     R: TokenReviewer,
@@ -86,10 +125,17 @@ pub async fn serve_connection<S, R>(
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(30));
         builder.http2().max_header_list_size(256 * 1024);
-        if let Err(err) = builder
-            .serve_connection_with_upgrades(TokioIo::new(tls), service)
-            .await
-        {
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        tokio::pin!(served);
+        let result = tokio::select! {
+            result = served.as_mut() => result,
+            () = stopping(&mut draining) => {
+                debug!("agent stopping: no new requests on this connection");
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        };
+        if let Err(err) = result {
             debug!(%err, "connection ended with an error");
         }
         info!("session closed");

@@ -733,6 +733,23 @@ impl StreamingExec {
     }
 }
 
+impl StreamingExec {
+    /// Waits up to `timeout` for the command to end; its exit status, or None while it
+    /// still runs.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for StreamingExec {
     fn drop(&mut self) {
         let _ = self.child.kill();
