@@ -22,6 +22,28 @@ use tollgate_tests::cluster::Cluster;
 
 const CRD: &str = "approvalrequests.tollgate.dev";
 
+/// A client with the agent's own credentials (deploy/rbac.yaml's account), as the
+/// agents' stores have them.
+async fn agent_client(cluster: &Cluster) -> Result<kube::Client> {
+    let rbac = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let rbac = rbac.display().to_string();
+    if cluster.kubectl_ok(&["apply", "-f", &rbac]).is_err() {
+        cluster.kubectl_ok(&["apply", "-f", &rbac])?;
+    }
+    let token = cluster.kubectl_ok(&[
+        "create",
+        "token",
+        "tollgate-agent",
+        "-n",
+        "tollgate-system",
+        "--duration=1h",
+    ])?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info = serde_json::from_value(serde_json::json!({ "token": token.trim() }))?;
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// Applies the CRD (once per test process) and waits for its Established condition.
 fn install_crd(cluster: &Cluster) -> Result<()> {
     // Tests run in parallel, and two `kubectl apply`s creating the same CRD at once
@@ -31,14 +53,18 @@ fn install_crd(cluster: &Cluster) -> Result<()> {
     if *installed {
         return Ok(());
     }
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/crds")
-        .join(format!("{CRD}.yaml"));
-    let path = path.display().to_string();
-    // Another suite's process may be applying it at the same moment: then the second
-    // try finds it and updates it.
-    if cluster.kubectl_ok(&["apply", "-f", &path]).is_err() {
-        cluster.kubectl_ok(&["apply", "-f", &path])?;
+    // The CRD, and the admission policy that lets only the agent's account write its
+    // objects (which is why the stores below run with that account's token).
+    for file in [format!("{CRD}.yaml"), format!("{CRD}-writers.yaml")] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/crds")
+            .join(file);
+        let path = path.display().to_string();
+        // Another suite's process may be applying it at the same moment: then the
+        // second try finds it and updates it.
+        if cluster.kubectl_ok(&["apply", "-f", &path]).is_err() {
+            cluster.kubectl_ok(&["apply", "-f", &path])?;
+        }
     }
     let mut last = String::new();
     wait_until("the CRD to be Established", Duration::from_secs(60), || {
@@ -185,8 +211,8 @@ async fn two_agents_share_one_queue() -> Result<()> {
 }
 
 async fn shared_queue(cluster: &'static Cluster, namespace: &str) -> Result<()> {
-    let a = KubeStore::start(cluster.client().await?).await?;
-    let b = KubeStore::start(cluster.client().await?).await?;
+    let a = KubeStore::start(agent_client(cluster).await?).await?;
+    let b = KubeStore::start(agent_client(cluster).await?).await?;
     let mut b_changes = b.subscribe();
     let node = format!("node-{}", &model::new_id()[3..11]);
 
@@ -363,7 +389,7 @@ async fn shared_queue(cluster: &'static Cluster, namespace: &str) -> Result<()> 
 
     // A restarted agent (a fresh store) has everything from its first listing.
     drop(a);
-    let a = KubeStore::start(cluster.client().await?).await?;
+    let a = KubeStore::start(agent_client(cluster).await?).await?;
     assert_eq!(a.get(&approved_id).await?, Some(claimed.clone()));
     assert_eq!(a.get(&id).await?.map(|x| x.status), Some(winner.status));
     Ok(())
@@ -382,8 +408,8 @@ async fn expiry_and_cancellation() -> Result<()> {
 }
 
 async fn expiry(cluster: &'static Cluster, namespace: &str) -> Result<()> {
-    let a = Store::Kubernetes(KubeStore::start(cluster.client().await?).await?);
-    let b = Store::Kubernetes(KubeStore::start(cluster.client().await?).await?);
+    let a = Store::Kubernetes(KubeStore::start(agent_client(cluster).await?).await?);
+    let b = Store::Kubernetes(KubeStore::start(agent_client(cluster).await?).await?);
     let mut b_changes = b.subscribe();
     let node = format!("node-{}", &model::new_id()[3..11]);
 

@@ -792,6 +792,32 @@ async fn two_agents_on_two_nodes_share_the_kubernetes_store() {
         "{}",
         stderr(&forged)
     );
+    // Nor can anyone else, cluster administrators included: only the agent's account
+    // writes ApprovalRequests (deploy/crds/...-writers.yaml).
+    let forged = Cluster::shared()
+        .kubectl()
+        .args([
+            "patch",
+            "approvalrequest",
+            &id,
+            "-n",
+            &scene.ns.name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"state":"Approved"}}"#,
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(
+        !forged.status.success(),
+        "an administrator's forged approval must fail"
+    );
+    assert!(
+        stderr(&forged).contains("written by the Tollgate agent only"),
+        "{}",
+        stderr(&forged)
+    );
     cli_ok(&node2, &hank, &["approve", &id, "--reason", "from node 2"]);
     assert!(
         run.wait_for_line(|| {}, "configmap/shared created", Duration::from_secs(30)),

@@ -163,6 +163,16 @@ const BASE_OBJECTS: &[(&str, &str, &str)] = &[
         "",
         "approvalrequests.tollgate.dev",
     ),
+    (
+        "ValidatingAdmissionPolicy",
+        "",
+        "tollgate-approvalrequest-writers",
+    ),
+    (
+        "ValidatingAdmissionPolicyBinding",
+        "",
+        "tollgate-approvalrequest-writers",
+    ),
     ("ResourceQuota", NAMESPACE, "tollgate-critical-pods"),
     ("ConfigMap", NAMESPACE, "tollgate-policy"),
     ("Service", NAMESPACE, "tollgate-api"),
@@ -1054,6 +1064,8 @@ fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         ("create", ar, In("agents")),
         ("update", ar, In("agents")),
         ("patch", ar, In("agents")),
+        // retention removes decided approvals
+        ("delete", ar, In("agents")),
         (
             "update",
             "approvalrequests.tollgate.dev#status",
@@ -1084,7 +1096,7 @@ fn the_agent_may_do_what_it_needs_and_nothing_more() -> Result<()> {
         ("delete", "pods", All),
         ("deletecollection", "pods", All),
         ("delete", "namespaces", All),
-        ("delete", ar, All),
+        // (single deletes of approvals are allowed: retention)
         ("deletecollection", ar, All),
         ("delete", "configmaps/tollgate-policy", In(NAMESPACE)),
         ("delete", "services", In("default")),
