@@ -11,10 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{Issuer, KeyPair};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
@@ -45,6 +42,8 @@ pub enum CertsError {
     Generate(#[from] rcgen::Error),
     #[error("invalid DNS name {0:?} in --extra-san")]
     BadName(String),
+    #[error("the certificate's parameters: {0}")]
+    Params(String),
 }
 
 /// What to put in the serving certificate.
@@ -100,27 +99,10 @@ pub fn issue(request: &IssueRequest) -> Result<Issued, CertsError> {
     })?;
 
     let sans = api_server_sans(request);
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, "kube-apiserver");
-    name.push(DnType::OrganizationName, "tollgate");
-    params.distinguished_name = name;
-    params.subject_alt_names = sans
-        .iter()
-        .map(|san| match san.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => san
-                .clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .map_err(|_| CertsError::BadName(san.clone())),
-        })
-        .collect::<Result<_, _>>()?;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let mut params = crate::trust::ca::api_server_params(&sans).map_err(|err| match err {
+        crate::trust::ca::CaError::BadName(name) => CertsError::BadName(name),
+        other => CertsError::Params(other.to_string()),
+    })?;
     let now = time::OffsetDateTime::now_utc();
     // A little backdating tolerates clock skew between the issuing machine and nodes.
     params.not_before = now - time::Duration::minutes(5);

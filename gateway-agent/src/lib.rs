@@ -13,7 +13,7 @@
 //! - [`status`]: every error a client sees, as a `metav1.Status`.
 //! - [`certs`]: the serving certificate from the cluster CA; [`trust`]: the trust modes,
 //!   Tollgate's own CA, the admission webhook that injects it (managed clusters).
-//! - [`config`], [`readiness`], [`metrics`], [`admin`]: the daemon's frame.
+//! - [`config`], [`readiness`], [`metrics`], [`admin`], [`https`]: the daemon's frame.
 //! - [`doctor`]: can this node run the data path?
 
 pub mod admin;
@@ -26,6 +26,7 @@ pub mod config;
 pub mod datapath;
 pub mod discovery;
 pub mod doctor;
+pub mod https;
 pub mod identity;
 pub mod masking;
 pub mod metrics;

@@ -41,10 +41,7 @@ use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::approvals::model::DecisionError;
@@ -567,72 +564,12 @@ fn json_response(code: StatusCode, json: Vec<u8>) -> Response<Body> {
 /// Serves the API on `listener` until the task is dropped. Each connection is TLS
 /// (`tls`, from [`ApiArgs::tls_config`]) with HTTP/1.1 or HTTP/2.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, state: Arc<ApiState>) {
-    let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(tokio::sync::Semaphore::new(state.limits.max_connections));
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "REST API listening");
-    }
-    loop {
-        // Waiting for a permit before accepting leaves excess clients in the kernel's
-        // queue instead of holding a task each.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "REST API accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
+    let max_connections = state.limits.max_connections;
+    crate::https::serve("REST API", listener, tls, max_connections, move |request| {
         let state = state.clone();
-        tokio::spawn(
-            async move {
-                serve_connection(stream, acceptor, state).await;
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("api_connection", %peer)),
-        );
-    }
-}
-
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    acceptor: TlsAcceptor,
-    state: Arc<ApiState>,
-) {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            debug!(%err, "REST API TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!("REST API TLS handshake timed out");
-            return;
-        }
-    };
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, request).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .max_header_list_size(64 * 1024)
-        .max_concurrent_streams(64);
-    if let Err(err) = builder.serve_connection(TokioIo::new(tls), service).await {
-        debug!(%err, "REST API connection ended with an error");
-    }
+        async move { handle(&state, request).await }
+    })
+    .await
 }
 
 /// One request: a span with its id, the dispatch, one log line with the outcome.

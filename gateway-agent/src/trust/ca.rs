@@ -138,20 +138,10 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
-/// A serving (leaf) certificate from `ca`.
-#[derive(Clone)]
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub not_after: OffsetDateTime,
-}
-
-/// Issues a server certificate for `sans` (DNS names and IP addresses) from `ca`.
-pub fn issue_leaf(ca: &CaPair, sans: &[String], validity: Duration) -> Result<Leaf, CaError> {
-    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(CaError::BadKey)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, &ca_key).map_err(CaError::BadCert)?;
-    let ca_not_after = not_after(&ca.cert_pem)?;
-    let now = OffsetDateTime::now_utc();
+/// A server certificate's parameters for `sans` (DNS names and IP addresses), named
+/// like the API server's: what both trust modes serve (`certs issue` signs it with the
+/// cluster CA, [`issue_leaf`] with Tollgate's). Dates are the caller's.
+pub fn api_server_params(sans: &[String]) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, "kube-apiserver");
@@ -174,6 +164,24 @@ pub fn issue_leaf(ca: &CaPair, sans: &[String], validity: Duration) -> Result<Le
         KeyUsagePurpose::KeyEncipherment,
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params)
+}
+
+/// A serving (leaf) certificate from `ca`.
+#[derive(Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// Issues a server certificate for `sans` (DNS names and IP addresses) from `ca`.
+pub fn issue_leaf(ca: &CaPair, sans: &[String], validity: Duration) -> Result<Leaf, CaError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(CaError::BadKey)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, &ca_key).map_err(CaError::BadCert)?;
+    let ca_not_after = not_after(&ca.cert_pem)?;
+    let now = OffsetDateTime::now_utc();
+    let mut params = api_server_params(sans)?;
     params.not_before = now - BACKDATE;
     // Never outlive the issuer: a client would refuse the chain past its end anyway.
     params.not_after = (now + to_time(validity)).min(ca_not_after);

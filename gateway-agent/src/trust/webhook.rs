@@ -15,7 +15,6 @@
 //! - `GET /healthz`: `ok`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +23,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{PatchOperation, ReplaceOperation, TestOperation};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -34,7 +31,6 @@ use kube::core::response::StatusSummary;
 use kube::core::DynamicObject;
 use kube::{Api, Client, ResourceExt};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use super::bundle::TrustBundles;
@@ -52,7 +48,6 @@ pub const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
 
 /// How long a client may take to send the body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once (the API servers' pooled connections, and probes).
 const MAX_CONNECTIONS: usize = 256;
 
@@ -537,69 +532,17 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     state: Arc<WebhookState>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "admission webhook listening");
-    }
-    loop {
-        // Excess clients wait in the kernel's queue, not in a task each.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                warn!(%err, "admission webhook accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let state = state.clone();
-        tokio::spawn(
-            async move {
-                serve_connection(stream, acceptor, state).await;
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("webhook_connection", %peer)),
-        );
-    }
-}
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    acceptor: TlsAcceptor,
-    state: Arc<WebhookState>,
-) {
-    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            debug!(%err, "admission webhook TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!("admission webhook TLS handshake timed out");
-            return;
-        }
-    };
-    let service = service_fn(move |request| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(&state, request).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .max_header_list_size(64 * 1024)
-        .max_concurrent_streams(64);
-    if let Err(err) = builder.serve_connection(TokioIo::new(tls), service).await {
-        debug!(%err, "admission webhook connection ended with an error");
-    }
+    crate::https::serve(
+        "admission webhook",
+        listener,
+        tls,
+        MAX_CONNECTIONS,
+        move |request| {
+            let state = state.clone();
+            async move { handle(&state, request).await }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -851,7 +794,11 @@ mod tests {
         // Without a Content-Length (a chunked body), the limit holds as it is read.
         let stream = futures_util::stream::iter(
             big.chunks(64 * 1024)
-                .map(|c| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+                .map(|c| {
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                        Bytes::copy_from_slice(c),
+                    ))
+                })
                 .collect::<Vec<_>>(),
         );
         let request = Request::post(MUTATE_PATH)
