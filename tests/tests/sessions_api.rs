@@ -578,6 +578,14 @@ async fn records_are_exactly_what_was_written() {
         .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
         .collect();
     assert_eq!(lines, on_disk);
+    // Byte for byte as the file holds them (the header line aside), so a client can
+    // check the hash chain itself.
+    let file = Sessions::open(server.sessions())
+        .find(&scene.session_a)
+        .expect("session file");
+    let written = std::fs::read_to_string(&file).expect("session file");
+    let written: Vec<&str> = written.lines().skip(1).collect();
+    assert_eq!(text.lines().collect::<Vec<_>>(), written);
 
     refused(
         fetch(&reviewer, &path, Some("text/html")).await,

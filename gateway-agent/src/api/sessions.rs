@@ -38,7 +38,7 @@ use super::auth::Caller;
 use super::authz::{self, SESSIONS};
 use super::{json_response, ApiError, ApiState, Body, BodyError};
 use crate::recording::format::Header;
-use crate::recording::{Record, RecordingError, SessionSummary, Sessions, VerifyReport};
+use crate::recording::{RecordingError, SessionSummary, Sessions, VerifyReport};
 
 /// Records are sent in chunks of about this many bytes (one record more at most).
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -454,7 +454,8 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn record(&mut self, record: &Record) {
+    /// One record as the file holds it: clients can re-hash what they are sent.
+    fn record(&mut self, line: &[u8]) {
         if self.stopped.is_some() {
             return;
         }
@@ -465,9 +466,8 @@ impl ChunkWriter {
             }
             RecordsFormat::Ndjson => {}
         }
-        // A record is a JSON value read from the file: writing it into a Vec cannot
-        // fail.
-        let _ = serde_json::to_writer(&mut self.buffer, record);
+        self.buffer
+            .extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
         if self.format == RecordsFormat::Ndjson {
             self.buffer.push(b'\n');
         }
@@ -526,7 +526,7 @@ impl ChunkWriter {
 /// Reads session `id` record by record into `writer` (on a blocking thread), and logs
 /// who read how much. Without [`Piece::Done`] the client sees the answer cut short.
 fn stream_records(sessions: &Sessions, id: &str, mut writer: ChunkWriter) {
-    let read = sessions.for_each_record(id, |record| writer.record(&record));
+    let read = sessions.for_each_record_line(id, |line| writer.record(line));
     if let Err(err) = read {
         warn!(session = %id, %err, records = writer.records, "reading session records failed; answer cut short");
         return;

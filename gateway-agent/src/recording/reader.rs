@@ -322,6 +322,22 @@ impl Sessions {
         })
     }
 
+    /// Every record line of session `id` as the file holds it, byte for byte (what the
+    /// hash chain covers; the header, an incomplete tail and lines that do not parse
+    /// left out, as in [`Sessions::records`]).
+    pub fn for_each_record_line(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), RecordingError> {
+        let path = self.find(id)?;
+        read_lines(&path, |index, line, complete| {
+            if index > 0 && complete && parse_record(line).is_some() {
+                f(line);
+            }
+        })
+    }
+
     /// Checks session `id`'s hash chain.
     pub fn verify(&self, id: &str) -> Result<VerifyReport, RecordingError> {
         let path = self.find(id)?;
