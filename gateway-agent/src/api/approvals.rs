@@ -25,6 +25,9 @@ const MAX_REASON_CHARS: usize = 2048;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     pub state: Option<State>,
+    /// Only approvals of calls from this namespace; a reviewer whose rights are in
+    /// that namespace only is answered even while it holds no approval.
+    pub namespace: Option<String>,
     pub watch: bool,
     pub timeout: Option<Duration>,
 }
@@ -56,6 +59,22 @@ impl ListQuery {
                         }
                     }
                 }
+                "namespace" => {
+                    // A DNS label, as namespace names are.
+                    let valid = !value.is_empty()
+                        && value.len() <= 63
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !value.starts_with('-')
+                        && !value.ends_with('-');
+                    if !valid {
+                        return Err(ApiError::BadRequest(format!(
+                            "namespace={value:?} is not a namespace name"
+                        )));
+                    }
+                    parsed.namespace = Some(value.to_owned());
+                }
                 "timeoutSeconds" => {
                     let seconds: u64 = value.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
                         ApiError::BadRequest(format!(
@@ -66,12 +85,21 @@ impl ListQuery {
                 }
                 _ => {
                     return Err(ApiError::BadRequest(format!(
-                        "unknown query parameter {key:?}; accepted: state, watch, timeoutSeconds"
+                        "unknown query parameter {key:?}; accepted: state, namespace, watch, timeoutSeconds"
                     )))
                 }
             }
         }
         Ok(parsed)
+    }
+}
+
+impl ListQuery {
+    /// Whether `approval` is in the `?namespace=` asked for (all are without one).
+    pub fn in_namespace(&self, approval: &ApprovalRequest) -> bool {
+        self.namespace
+            .as_deref()
+            .is_none_or(|ns| namespace_of(approval) == ns)
     }
 }
 
@@ -102,12 +130,16 @@ pub async fn list(
         return super::watch::start(state, caller, query).await;
     }
     let mut items = state.store.list(query.state).await?;
+    items.retain(|a| query.in_namespace(a));
     let scope = authz::scope(
         state,
         caller,
         APPROVALS,
         "list",
-        items.iter().map(|a| namespace_of(a).to_owned()),
+        items
+            .iter()
+            .map(|a| namespace_of(a).to_owned())
+            .chain(query.namespace.clone()),
     )
     .await?;
     items.retain(|a| scope.includes(namespace_of(a)));

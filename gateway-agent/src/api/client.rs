@@ -70,6 +70,10 @@ enum Command {
         /// Only approvals in this state (pending, approved, denied, expired, cancelled).
         #[arg(long)]
         state: Option<String>,
+        /// Only calls from pods of this namespace (what a reviewer whose rights are in
+        /// one namespace passes).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
     },
     /// Show one approval: the call, who made it, the steps, decisions and dry-run diff.
     Show { id: String },
@@ -92,6 +96,9 @@ enum Command {
         /// Only approvals in this state.
         #[arg(long)]
         state: Option<String>,
+        /// Only calls from pods of this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
     },
 }
 
@@ -110,13 +117,17 @@ impl ApprovalsArgs {
         let output = self.connection.output;
         let client = self.connection.client().await?;
         let result = match self.command {
-            Command::List { state } => list(&client, state.as_deref(), output).await,
+            Command::List { state, namespace } => {
+                list(&client, state.as_deref(), namespace.as_deref(), output).await
+            }
             Command::Show { id } => show(&client, &id, output).await,
             Command::Approve { id, reason } => {
                 decide(&client, &id, "approve", &reason, output).await
             }
             Command::Deny { id, reason } => decide(&client, &id, "deny", &reason, output).await,
-            Command::Watch { state } => watch(&client, state.as_deref(), output).await,
+            Command::Watch { state, namespace } => {
+                watch(&client, state.as_deref(), namespace.as_deref(), output).await
+            }
         };
         match result {
             Ok(()) => Ok(ExitCode::SUCCESS),
@@ -288,12 +299,36 @@ struct ApprovalList {
     items: Vec<ApprovalRequest>,
 }
 
-async fn list(client: &kube::Client, state: Option<&str>, output: Output) -> Result<()> {
-    let state = checked_state(state)?;
-    let uri = match state {
-        Some(s) => format!("/api/v1/approvals?state={}", s.as_str()),
-        None => "/api/v1/approvals".to_owned(),
-    };
+/// `/api/v1/approvals` with the filters given (`watch=true` first when watching).
+fn approvals_uri(watch: bool, state: Option<&str>, namespace: Option<&str>) -> Result<String> {
+    let mut query = Vec::new();
+    if watch {
+        query.push("watch=true".to_owned());
+    }
+    if let Some(s) = checked_state(state)? {
+        query.push(format!("state={}", s.as_str()));
+    }
+    if let Some(ns) = namespace {
+        // The server checks the name; only keep it from changing the query's shape.
+        if ns.is_empty() || !ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            bail!("--namespace {ns:?} is not a namespace name");
+        }
+        query.push(format!("namespace={ns}"));
+    }
+    Ok(if query.is_empty() {
+        "/api/v1/approvals".to_owned()
+    } else {
+        format!("/api/v1/approvals?{}", query.join("&"))
+    })
+}
+
+async fn list(
+    client: &kube::Client,
+    state: Option<&str>,
+    namespace: Option<&str>,
+    output: Output,
+) -> Result<()> {
+    let uri = approvals_uri(false, state, namespace)?;
     let text = client.request_text(get(&uri)?).await?;
     if output == Output::Json {
         return print_json(&text);
@@ -355,12 +390,13 @@ async fn decide(
 
 /// Watches, reconnecting when the server ends the stream (its time limit), and prints
 /// each approval once per change.
-async fn watch(client: &kube::Client, state: Option<&str>, output: Output) -> Result<()> {
-    let state = checked_state(state)?;
-    let uri = match state {
-        Some(s) => format!("/api/v1/approvals?watch=true&state={}", s.as_str()),
-        None => "/api/v1/approvals?watch=true".to_owned(),
-    };
+async fn watch(
+    client: &kube::Client,
+    state: Option<&str>,
+    namespace: Option<&str>,
+    output: Output,
+) -> Result<()> {
+    let uri = approvals_uri(true, state, namespace)?;
     // What was printed last for each approval, so a reconnect's replay is quiet.
     let mut printed: HashMap<String, String> = HashMap::new();
     loop {

@@ -330,8 +330,43 @@ async fn lists_are_filtered_by_rbac_namespaces() {
     )
     .await;
     // The lead's namespace holds no approved ones: allowed somewhere, so an empty list
-    // would be right, but with nothing to look at RBAC cannot be asked per namespace.
+    // would be right, but with nothing to look at RBAC cannot be asked per namespace...
     assert_status(&a, 403, "Forbidden");
+    // ...unless the lead names the namespace: then RBAC is asked there.
+    let a = call(
+        &f.state,
+        Method::GET,
+        "/api/v1/approvals?state=approved&namespace=agents",
+        Some("lead"),
+        "",
+    )
+    .await;
+    assert_eq!(a.code, StatusCode::OK, "{}", a.json);
+    assert!(ids(&a).is_empty());
+    let a = call(
+        &f.state,
+        Method::GET,
+        "/api/v1/approvals?namespace=agents",
+        Some("admin"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        ids(&a),
+        std::slice::from_ref(&mine.id),
+        "only that namespace"
+    );
+    for (query, code) in [("namespace=elsewhere", 403), ("namespace=Not_A_Name", 400)] {
+        let a = call(
+            &f.state,
+            Method::GET,
+            &format!("/api/v1/approvals?{query}"),
+            Some("lead"),
+            "",
+        )
+        .await;
+        assert_eq!(a.code.as_u16(), code, "{query}: {}", a.json);
+    }
     let a = call(
         &f.state,
         Method::GET,

@@ -47,12 +47,16 @@ pub async fn start(
 ) -> Result<Response<Body>, ApiError> {
     let changes = state.store.subscribe();
     let mut initial = state.store.list(query.state).await?;
+    initial.retain(|a| query.in_namespace(a));
     let scope = scope(
         state,
         caller,
         APPROVALS,
         "watch",
-        initial.iter().map(|a| namespace_of(a).to_owned()),
+        initial
+            .iter()
+            .map(|a| namespace_of(a).to_owned())
+            .chain(query.namespace.clone()),
     )
     .await?;
     initial.retain(|a| scope.includes(namespace_of(a)));
@@ -63,6 +67,7 @@ pub async fn start(
         .map_or(state.limits.max_watch, |t| t.min(state.limits.max_watch));
     let (tx, rx) = mpsc::channel(BUFFER);
     let mut watcher = Watcher::new(state.clone(), caller.clone(), query.state);
+    watcher.namespace = query.namespace.clone();
     state.watches.fetch_add(1, Ordering::SeqCst);
     tokio::spawn(
         async move {
@@ -119,6 +124,8 @@ pub(super) struct Watcher {
     state: Arc<ApiState>,
     caller: Caller,
     filter: Option<State>,
+    /// `?namespace=`: approvals of other namespaces are not sent.
+    pub(super) namespace: Option<String>,
     /// Approval id → digest of the object last sent for it.
     sent: HashMap<String, [u8; 32]>,
 }
@@ -129,6 +136,7 @@ impl Watcher {
             state,
             caller,
             filter,
+            namespace: None,
             sent: HashMap::new(),
         }
     }
@@ -197,6 +205,13 @@ impl Watcher {
         tx: &mpsc::Sender<Bytes>,
         approval: ApprovalRequest,
     ) -> Result<(), End> {
+        if self
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| namespace_of(&approval) != ns)
+        {
+            return Ok(());
+        }
         let digest = digest(&approval);
         let known = self.sent.get(&approval.id).copied();
         if known == Some(digest) {
