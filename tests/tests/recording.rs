@@ -254,6 +254,9 @@ async fn a_session_records_what_kubectl_did_request_by_request() {
     }
 }
 
+/// A private key's body, as a terminal might print it.
+const KEY_BODY: &str = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exec_session_replays_at_its_pace() {
     // This agent logs JSON, as a DaemonSet's log collector wants it.
@@ -268,7 +271,7 @@ async fn an_exec_session_replays_at_its_pace() {
     let out = in_pod(
         &pod,
         &format!(
-            "kubectl exec {} -- sh -c 'echo hello-from-tg; sleep 1; echo bye-from-tg'",
+            "kubectl exec {} -- sh -c 'echo hello-from-tg; printf \"%s\\n\" \"-----BEGIN PRIVATE KEY-----\" {KEY_BODY} \"-----END PRIVATE KEY-----\"; sleep 1; echo bye-from-tg'",
             target.name
         ),
     );
@@ -276,6 +279,8 @@ async fn an_exec_session_replays_at_its_pace() {
         out.contains("hello-from-tg") && out.contains("bye-from-tg"),
         "{out}"
     );
+    // The terminal showed the key: what is forwarded is never changed.
+    assert!(out.contains(KEY_BODY), "{out}");
 
     let mut id = String::new();
     wait_until("the exec session to close", Duration::from_secs(20), || {
@@ -303,6 +308,12 @@ async fn an_exec_session_replays_at_its_pace() {
         shown.find("bye-from-tg").expect("bye replayed"),
     );
     assert!(hello < bye, "{shown}");
+    // The recording does not keep it: the detectors masked it in the frame.
+    assert!(!shown.contains(KEY_BODY), "{shown}");
+    assert!(
+        shown.contains(gateway_agent::masking::MASK_MARKER),
+        "{shown}"
+    );
     // The recorded pause (one second) is played, not skipped...
     assert!(took >= Duration::from_millis(800), "replayed in {took:?}");
     // ...and `--speed 0` plays it at once.

@@ -35,6 +35,9 @@ const CLOUD_KEYS: &[&str] = &[
 #[derive(Debug)]
 pub struct Detectors {
     regex: Option<Regex>,
+    /// The same patterns over bytes, for terminal streams (exec, attach), which need
+    /// not be UTF-8.
+    bytes_regex: Option<regex::bytes::Regex>,
     kinds: Vec<String>,
 }
 
@@ -59,26 +62,36 @@ impl Detectors {
             })?;
             parts.push(pattern.clone());
         }
-        let regex = if parts.is_empty() {
-            None
+        let (regex, bytes_regex) = if parts.is_empty() {
+            (None, None)
         } else {
             let joined = parts
                 .iter()
                 .map(|p| format!("(?:{p})"))
                 .collect::<Vec<_>>()
                 .join("|");
-            Some(
-                regex::RegexBuilder::new(&joined)
-                    .size_limit(64 * 1024 * 1024)
-                    .build()
-                    .map_err(|source| ConfigError::DetectorPattern {
-                        pattern: joined.clone(),
-                        source: Box::new(source),
-                    })?,
+            let failed = |source: regex::Error| ConfigError::DetectorPattern {
+                pattern: joined.clone(),
+                source: Box::new(source),
+            };
+            (
+                Some(
+                    regex::RegexBuilder::new(&joined)
+                        .size_limit(64 * 1024 * 1024)
+                        .build()
+                        .map_err(failed)?,
+                ),
+                Some(
+                    regex::bytes::RegexBuilder::new(&joined)
+                        .size_limit(64 * 1024 * 1024)
+                        .build()
+                        .map_err(failed)?,
+                ),
             )
         };
         Ok(Detectors {
             regex,
+            bytes_regex,
             kinds: config.kinds.clone(),
         })
     }
@@ -104,6 +117,38 @@ impl Detectors {
         });
         *text = replaced.into_owned();
         count
+    }
+
+    /// Masks detected spans in `chunk`, a piece of a byte stream (a terminal's output),
+    /// looking at `before` too: what the same stream carried just before, already
+    /// recorded. A secret split between two pieces is then still found, and its part
+    /// in this piece masked. Returns the piece to record and how many spans were
+    /// masked, or None when nothing was found.
+    pub fn mask_chunk(&self, before: &[u8], chunk: &[u8]) -> Option<(Vec<u8>, u64)> {
+        let regex = self.bytes_regex.as_ref()?;
+        let mut window = Vec::with_capacity(before.len() + chunk.len());
+        window.extend_from_slice(before);
+        window.extend_from_slice(chunk);
+        let start_of_chunk = before.len();
+        let mut out = Vec::with_capacity(chunk.len());
+        let mut pos = start_of_chunk;
+        let mut count = 0;
+        for found in regex.find_iter(&window) {
+            if found.end() <= pos {
+                // All of it in `before`: masked (or not) when that was recorded.
+                continue;
+            }
+            let from = found.start().max(pos);
+            out.extend_from_slice(&window[pos..from]);
+            out.extend_from_slice(MASK_MARKER.as_bytes());
+            pos = found.end();
+            count += 1;
+        }
+        if count == 0 {
+            return None;
+        }
+        out.extend_from_slice(&window[pos..]);
+        Some((out, count))
     }
 
     /// Masks detected spans in every string inside `value`.
@@ -164,6 +209,45 @@ mod tests {
         let mut s = text.to_string();
         let n = all().mask_str(&mut s);
         (s, n)
+    }
+
+    /// A terminal's output in pieces, as reads bring it: a key split between two
+    /// pieces is masked in both, a token in one piece is masked, binary bytes around
+    /// them pass through, and a piece with nothing in it is left alone.
+    #[test]
+    fn secrets_split_between_stream_pieces() {
+        let d = all();
+        let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7\n-----END RSA PRIVATE KEY-----\n";
+        let stream = format!("$ cat key.pem\r\n{key}$ ");
+        let cut = stream.find("BAQEFAASC").unwrap();
+        let (one, two) = stream.as_bytes().split_at(cut);
+        let (first, n1) = d.mask_chunk(b"", one).expect("the key's start");
+        let (second, n2) = d.mask_chunk(one, two).expect("the key's rest");
+        assert_eq!((n1, n2), (1, 1));
+        let recorded = String::from_utf8([first, second].concat()).unwrap();
+        assert_eq!(recorded, format!("$ cat key.pem\r\n{MASK_MARKER}{MASK_MARKER}\n$ "));
+        assert!(!recorded.contains("BAQEFAASC") && !recorded.contains("AoIBAQC7"));
+
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW0ifQ.c2lnbmF0dXJl";
+        let mut piece = vec![0xff, 0x00, b'\n'];
+        piece.extend_from_slice(jwt.as_bytes());
+        piece.extend_from_slice(&[0xfe, b'\n']);
+        let (masked, n) = d.mask_chunk(two, &piece).expect("the token");
+        assert_eq!(n, 1);
+        let mut want = vec![0xff, 0x00, b'\n'];
+        want.extend_from_slice(MASK_MARKER.as_bytes());
+        want.extend_from_slice(&[0xfe, b'\n']);
+        assert_eq!(masked, want);
+
+        assert_eq!(d.mask_chunk(&piece, b"total 0\r\n"), None);
+        let off = Detectors::new(&DetectorsConfig {
+            private_keys: false,
+            tokens: false,
+            cloud_keys: false,
+            ..DetectorsConfig::default()
+        })
+        .unwrap();
+        assert_eq!(off.mask_chunk(b"", &piece), None);
     }
 
     #[test]

@@ -525,6 +525,7 @@ async fn held_call<R: TokenReviewer>(
             connection,
             request_id,
             call.info,
+            gateway.policy.current().masker.clone(),
         ));
     }
     let (mut parts, body) = response.into_parts();
@@ -650,6 +651,7 @@ async fn forward<R: TokenReviewer>(
             connection,
             request_id,
             info,
+            gateway.policy.current().masker.clone(),
         ));
     }
 
@@ -700,6 +702,7 @@ fn splice_upgrade(
     connection: &ConnectionInfo,
     request_id: &str,
     info: &RequestInfo,
+    masker: std::sync::Arc<crate::masking::Masker>,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut response);
     let header = |name: http::header::HeaderName| {
@@ -727,6 +730,10 @@ fn splice_upgrade(
             let client = hyper_util::rt::TokioIo::new(client);
             let upstream = hyper_util::rt::TokioIo::new(upstream);
             let (to_server, to_client) = RemoteCommandTap::pair(stream);
+            // Secrets a terminal shows (a key printed with cat, a token pasted) are
+            // masked in the recording as the policy's detectors find them.
+            let (to_server, to_client) =
+                (to_server.masking(masker.clone()), to_client.masking(masker));
             match splice_recorded(client, upstream, to_server, to_client).await {
                 Ok((to_server, to_client)) => info!(to_server, to_client, "upgraded stream closed"),
                 Err(err) => info!(%err, "upgraded stream ended"),

@@ -307,12 +307,21 @@ impl WsDecoder {
     }
 }
 
+/// How much of a channel's last bytes is kept to find a secret split between two
+/// reads (a PEM private key of 4096-bit RSA is about 3.3 KiB).
+const MASK_CARRY: usize = 8 * 1024;
+
 /// Shows one direction of a spliced stream to a [`StreamRecorder`]: decoded into
-/// channel frames when the protocol allows, else as opaque `in`/`out` frames.
+/// channel frames when the protocol allows, else as opaque `in`/`out` frames. With
+/// [`RemoteCommandTap::masking`], what the value detectors find (private keys, tokens,
+/// cloud keys) is masked in the record; the bytes forwarded are never changed.
 pub struct RemoteCommandTap {
     stream: StreamRecorder,
     side: Side,
     decoder: Option<WsDecoder>,
+    masker: Option<std::sync::Arc<crate::masking::Masker>>,
+    /// Per channel (opaque frames: 255), its last bytes as they were, unmasked.
+    carry: Vec<(u8, Vec<u8>)>,
 }
 
 impl RemoteCommandTap {
@@ -322,6 +331,41 @@ impl RemoteCommandTap {
             stream,
             side,
             decoder,
+            masker: None,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Masks what `masker`'s value detectors find in the frames recorded.
+    pub fn masking(mut self, masker: std::sync::Arc<crate::masking::Masker>) -> Self {
+        self.masker = Some(masker);
+        self
+    }
+
+    /// Records one frame of `channel`, masked when masking is on.
+    fn record(&mut self, channel: u8, dir: Direction, data: &[u8]) {
+        let Some(masker) = &self.masker else {
+            self.stream.frame(dir, data);
+            return;
+        };
+        let slot = match self.carry.iter().position(|(c, _)| *c == channel) {
+            Some(slot) => slot,
+            None => {
+                self.carry.push((channel, Vec::new()));
+                self.carry.len() - 1
+            }
+        };
+        let before = &mut self.carry[slot].1;
+        match masker.detectors().mask_chunk(before, data) {
+            Some((masked, spans)) => {
+                tracing::debug!(audit_id = %self.stream.audit_id(), spans, "secrets masked in a recorded terminal frame");
+                self.stream.frame(dir, &masked);
+            }
+            None => self.stream.frame(dir, data),
+        }
+        before.extend_from_slice(data);
+        if before.len() > MASK_CARRY {
+            before.drain(..before.len() - MASK_CARRY);
         }
     }
 
@@ -340,7 +384,7 @@ impl RemoteCommandTap {
                 Side::ClientToServer => Direction::In,
                 Side::ServerToClient => Direction::Out,
             };
-            self.stream.frame(dir, bytes);
+            self.record(255, dir, bytes);
             return;
         };
         // Everything one read brought for a channel becomes one frame: a message split
@@ -352,7 +396,7 @@ impl RemoteCommandTap {
         });
         for (channel, data) in frames {
             if let Some(dir) = Direction::from_channel(channel) {
-                self.stream.frame(dir, &data);
+                self.record(channel, dir, &data);
             }
         }
         if let Err(err) = result {
