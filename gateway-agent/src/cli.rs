@@ -161,6 +161,14 @@ struct InstallArgs {
 pub fn main() -> ExitCode {
     // Installed as `kubectl-tollgate`, `kubectl tollgate approvals ...` arrives here.
     let args = crate::api::client::plugin_args(std::env::args_os().collect());
+    // `run --config FILE`: the file's settings join the command line as flags.
+    let args = match crate::config::with_config_file(args, std::env::var_os("TOLLGATE_CONFIG")) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("gateway-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse_from(args);
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

@@ -1,18 +1,20 @@
-//! The agent's configuration: one plain struct, read from an optional YAML file and
-//! overridden by flags (and their environment variables), validated once at start.
-//! Every component takes the part it needs; none reads the environment itself.
+//! The agent's configuration: one plain struct, from flags (and their environment
+//! variables) and an optional YAML file holding any of the same settings, validated
+//! once at start. Every component takes the part it needs; none reads the environment
+//! itself.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// `gateway-agent run` flags. Every flag may also come from the config file (same name
-/// in camelCase) or the environment variable shown.
+/// `gateway-agent run` flags. Every flag may also come from the config file (its field
+/// name in camelCase: `proxyPort`, `approvalStore`, `recordRetention`, `trustMode`) or
+/// the environment variable shown; see [`with_config_file`] for which wins.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// YAML file with any of the settings below (flags win).
+    /// YAML file with any of the settings below, by camelCase name (the command line
+    /// wins over the file, the file over the environment).
     #[arg(long, env = "TOLLGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name (from the downward API: spec.nodeName).
@@ -89,17 +91,16 @@ pub struct RunArgs {
     /// it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
-    /// Where approvals are kept (flags and environment only, not the YAML file).
+    /// Where approvals are kept.
     #[command(flatten)]
     pub approvals: crate::approvals::config::ApprovalArgs,
-    /// The reviewers' REST API (flags and environment only, not the YAML file).
+    /// The reviewers' REST API.
     #[command(flatten)]
     pub api: crate::api::ApiArgs,
-    /// Session recording (flags and environment only, not the YAML file).
+    /// Session recording.
     #[command(flatten)]
     pub recording: RecordingArgs,
-    /// How pods come to trust the proxy (flags and environment only, not the YAML
-    /// file).
+    /// How pods come to trust the proxy.
     #[command(flatten)]
     pub trust: crate::trust::config::TrustArgs,
 }
@@ -160,28 +161,6 @@ impl RecordingArgs {
         };
         Some(config)
     }
-}
-
-/// The same settings as a YAML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct FileConfig {
-    node_name: Option<String>,
-    #[serde(default)]
-    proxy_addresses: Vec<IpAddr>,
-    proxy_port: Option<u16>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    cluster_ca: Option<PathBuf>,
-    kubeconfig: Option<PathBuf>,
-    policy_file: Option<PathBuf>,
-    policy_configmap: Option<String>,
-    cgroup_root: Option<PathBuf>,
-    bpffs: Option<PathBuf>,
-    admin_address: Option<SocketAddr>,
-    classify_timeout: Option<String>,
-    allow_unbound_tokens: Option<bool>,
-    max_body_bytes: Option<usize>,
 }
 
 /// Validated configuration.
@@ -245,23 +224,12 @@ impl Config {
         args: RunArgs,
         default_cgroup_root: impl FnOnce() -> Option<PathBuf>,
     ) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let node_name = args
-            .node_name
-            .or(file.node_name)
-            .ok_or(ConfigError::Missing(
-                "the node name",
-                "node-name",
-                "nodeName",
-            ))?;
-        let proxy_addresses = if args.proxy_addresses.is_empty() {
-            file.proxy_addresses
-        } else {
-            args.proxy_addresses
-        };
+        let node_name = args.node_name.ok_or(ConfigError::Missing(
+            "the node name",
+            "node-name",
+            "nodeName",
+        ))?;
+        let proxy_addresses = args.proxy_addresses;
         if proxy_addresses.is_empty() {
             return Err(ConfigError::Missing(
                 "a pod-facing proxy address",
@@ -276,15 +244,12 @@ impl Config {
                 "at most one IPv4 and one IPv6 proxy address".into(),
             ));
         }
-        let proxy_port = args
-            .proxy_port
-            .or(file.proxy_port)
-            .unwrap_or(DEFAULT_PROXY_PORT);
+        let proxy_port = args.proxy_port.unwrap_or(DEFAULT_PROXY_PORT);
         if proxy_port == 0 {
             return Err(ConfigError::Invalid("the proxy port cannot be 0".into()));
         }
-        let tls_cert = args.tls_cert.or(file.tls_cert);
-        let tls_key = args.tls_key.or(file.tls_key);
+        let tls_cert = args.tls_cert;
+        let tls_key = args.tls_key;
         let serving = match args.trust.validate().map_err(ConfigError::Invalid)? {
             None => Serving::Files {
                 cert: tls_cert.ok_or(ConfigError::Missing(
@@ -305,18 +270,12 @@ impl Config {
                 Serving::InjectedCa(Box::new(injected))
             }
         };
-        let cluster_ca = args
-            .cluster_ca
-            .or(file.cluster_ca)
-            .ok_or(ConfigError::Missing(
-                "the cluster CA",
-                "cluster-ca",
-                "clusterCa",
-            ))?;
-        let policy = match (
-            args.policy_file.or(file.policy_file),
-            args.policy_configmap.or(file.policy_configmap),
-        ) {
+        let cluster_ca = args.cluster_ca.ok_or(ConfigError::Missing(
+            "the cluster CA",
+            "cluster-ca",
+            "clusterCa",
+        ))?;
+        let policy = match (args.policy_file, args.policy_configmap) {
             (Some(path), None) => crate::policy::source::PolicySource::File(path),
             (None, Some(reference)) => {
                 let (namespace, name) = reference
@@ -345,20 +304,15 @@ impl Config {
                 ))
             }
         };
-        let cgroup_root = match args.cgroup_root.or(file.cgroup_root) {
+        let cgroup_root = match args.cgroup_root {
             Some(root) => root,
             None => default_cgroup_root().ok_or_else(|| {
                 ConfigError::Invalid("no cgroup2 mount found; pass --cgroup-root".into())
             })?,
         };
-        let classify_timeout = match (args.classify_timeout, file.classify_timeout) {
-            (Some(t), _) => t,
-            (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Invalid)?,
-            (None, None) => DEFAULT_CLASSIFY_TIMEOUT,
-        };
+        let classify_timeout = args.classify_timeout.unwrap_or(DEFAULT_CLASSIFY_TIMEOUT);
         let admin_address = args
             .admin_address
-            .or(file.admin_address)
             .unwrap_or_else(|| DEFAULT_ADMIN_ADDRESS.parse().expect("valid default"));
         Ok(Config {
             node_name,
@@ -366,22 +320,15 @@ impl Config {
             proxy_port,
             serving,
             cluster_ca,
-            kubeconfig: args.kubeconfig.or(file.kubeconfig),
+            kubeconfig: args.kubeconfig,
             policy,
             cgroup_root,
             agent_cgroup: args.agent_cgroup,
-            bpffs: args
-                .bpffs
-                .or(file.bpffs)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
+            bpffs: args.bpffs.unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS)),
             admin_address,
             classify_timeout,
-            allow_unbound_tokens: args.allow_unbound_tokens
-                || file.allow_unbound_tokens.unwrap_or(false),
-            max_body_bytes: args
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(3 * 1024 * 1024),
+            allow_unbound_tokens: args.allow_unbound_tokens,
+            max_body_bytes: args.max_body_bytes.unwrap_or(3 * 1024 * 1024),
             approval_expiry_interval: args
                 .approval_expiry_interval
                 .unwrap_or(DEFAULT_APPROVAL_EXPIRY_INTERVAL),
@@ -396,20 +343,141 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
+/// The command line with the `run` config file's settings added, for the parser to
+/// read as if they were flags: every `run` flag may be set in the file under its field
+/// name in camelCase (`proxyAddresses: [10.0.0.5]`, `approvalStore: kubernetes`,
+/// `noRecording: true`). A setting is added (right after `run`) only when the command
+/// line does not give that flag, so the command line wins over the file, and the file
+/// over the environment (clap reads the environment only for flags not given).
+///
+/// `argv` is returned unchanged when it runs no `run` or names no config file (by
+/// `--config` or `TOLLGATE_CONFIG`). A setting no flag has, or a value of the wrong
+/// shape, is an error naming the file and the setting.
+pub fn with_config_file(
+    argv: Vec<std::ffi::OsString>,
+    env_config: Option<std::ffi::OsString>,
+) -> Result<Vec<std::ffi::OsString>, ConfigError> {
+    use clap::CommandFactory;
+    use std::ffi::OsString;
+
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    // The subcommand is the first `run` (no global option takes `run` as its value).
+    let Some(at) = argv.iter().skip(1).position(|a| a == "run").map(|i| i + 1) else {
+        return Ok(argv);
+    };
+    let after = &argv[at + 1..];
+    let given = |long: &str| {
+        let flag = format!("--{long}");
+        let with_value = format!("--{long}=");
+        after.iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&with_value))
+        })
+    };
+    let named = after
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| after.get(i + 1).cloned())
+        .or_else(|| {
+            after.iter().find_map(|a| {
+                a.to_str()
+                    .and_then(|a| a.strip_prefix("--config="))
+                    .map(OsString::from)
+            })
+        })
+        .or(env_config);
+    let Some(path) = named.map(PathBuf::from) else {
+        return Ok(argv);
+    };
+    let parse_error = |message: String| ConfigError::Parse {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
         source,
     })?;
-    serde_saphyr::from_str(&text).map_err(|err| ConfigError::Parse {
-        path: path.to_owned(),
-        message: err
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-    })
+    let settings: BTreeMap<String, serde_json::Value> = if text.trim().is_empty() {
+        BTreeMap::new()
+    } else {
+        serde_saphyr::from_str(&text).map_err(|err| {
+            parse_error(
+                err.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })?
+    };
+    let command = Run::command();
+    let mut added: Vec<OsString> = Vec::new();
+    for (key, value) in settings {
+        // Field names: `proxyAddresses` is the field proxy_addresses, flag
+        // --proxy-address.
+        let mut id = String::with_capacity(key.len() + 4);
+        for c in key.chars() {
+            if c.is_ascii_uppercase() {
+                id.push('_');
+                id.push(c.to_ascii_lowercase());
+            } else {
+                id.push(c);
+            }
+        }
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == id && a.get_long().is_some() && id != "config")
+            .ok_or_else(|| {
+                parse_error(format!(
+                    "unknown setting {key:?} (settings are the flags of `gateway-agent run \
+                     --help` in camelCase)"
+                ))
+            })?;
+        let long = arg.get_long().unwrap_or_default();
+        if given(long) {
+            continue;
+        }
+        let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        let scalar = |v: &serde_json::Value| -> Result<String, ConfigError> {
+            match v {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Number(n) => Ok(n.to_string()),
+                serde_json::Value::Bool(b) => Ok(b.to_string()),
+                _ => Err(parse_error(format!(
+                    "{key}: expected a string, number or boolean"
+                ))),
+            }
+        };
+        match (&value, switch) {
+            (serde_json::Value::Null, _) => {}
+            (serde_json::Value::Bool(on), true) => {
+                if *on {
+                    added.push(format!("--{long}").into());
+                }
+            }
+            (_, true) => return Err(parse_error(format!("{key}: expected true or false"))),
+            (serde_json::Value::Array(_), false)
+                if !matches!(arg.get_action(), clap::ArgAction::Append) =>
+            {
+                return Err(parse_error(format!("{key}: takes one value, not a list")))
+            }
+            (serde_json::Value::Array(items), false) => {
+                for item in items {
+                    added.push(format!("--{long}={}", scalar(item)?).into());
+                }
+            }
+            (value, false) => added.push(format!("--{long}={}", scalar(value)?).into()),
+        }
+    }
+    let mut out = argv[..=at].to_vec();
+    out.extend(added);
+    out.extend_from_slice(after);
+    Ok(out)
 }
 
 /// `500ms`, `5s`, `2m`, `1h`.
@@ -531,24 +599,77 @@ mod tests {
         assert!(parse_duration("").is_err());
     }
 
+    /// The flags of `run` as [`with_config_file`] leaves them, parsed.
+    fn parsed(argv: &[&str], file: &Path) -> Result<RunArgs, ConfigError> {
+        let argv: Vec<std::ffi::OsString> = argv.iter().map(|a| a.into()).collect();
+        let argv = with_config_file(argv, Some(file.as_os_str().to_owned()))?;
+        // What follows `run`, as the run command's parser sees it.
+        let at = argv.iter().position(|a| a == "run").unwrap();
+        let mut run = <Command as clap::Parser>::try_parse_from(&argv[at..])
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?
+            .run;
+        run.kubeconfig = None;
+        Ok(run)
+    }
+
     #[test]
-    fn file_settings_and_typos() {
+    fn every_flag_may_come_from_the_file_and_the_command_line_wins() {
         let dir = std::env::temp_dir().join(format!("tollgate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("config.yaml");
-        std::fs::write(&file, "proxyPort: 16443\nclassifyTimeout: 2s\n").unwrap();
-        let mut a = args();
-        a.config = Some(file.clone());
-        let config = Config::load(a, || Some("/x".into())).unwrap();
+        std::fs::write(
+            &file,
+            "nodeName: node1\nproxyAddresses: [10.244.1.1]\nproxyPort: 16443\n\
+             classifyTimeout: 2s\ntlsCert: tls.crt\ntlsKey: tls.key\nclusterCa: ca.crt\n\
+             policyFile: policy.yaml\napprovalStore: kubernetes\nnoRecording: true\n\
+             drainTimeout: 3s\nservingSans: [a.example, 10.0.0.9]\n",
+        )
+        .unwrap();
+        let base = ["gateway-agent", "--log-format", "json", "run"];
+        let run = parsed(&base, &file).unwrap();
+        let config = Config::load(run, || Some("/x".into())).unwrap();
         assert_eq!(config.proxy_port, 16443);
         assert_eq!(config.classify_timeout, Duration::from_secs(2));
+        assert_eq!(config.drain_timeout, Duration::from_secs(3));
+        assert!(config.recording.no_recording);
+        assert_eq!(
+            config.approvals.approval_store,
+            crate::approvals::config::StoreKind::Kubernetes
+        );
+        assert_eq!(config.node_name, "node1");
+        // The command line wins, also for lists.
+        let mut argv = base.to_vec();
+        argv.extend(["--proxy-port", "17443", "--serving-san=b.example"]);
+        let run = parsed(&argv, &file).unwrap();
+        assert_eq!(run.proxy_port, Some(17443));
+        assert_eq!(run.trust.serving_sans, vec!["b.example".to_owned()]);
+
         std::fs::write(&file, "proxyPrt: 16443\n").unwrap();
-        let mut a = args();
-        a.config = Some(file);
-        let err = Config::load(a, || Some("/x".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("proxyPrt"), "{err}");
+        let err = parsed(&base, &file).unwrap_err().to_string();
+        assert!(
+            err.contains("proxyPrt") && err.contains("config.yaml"),
+            "{err}"
+        );
+        std::fs::write(&file, "noRecording: sometimes\n").unwrap();
+        let err = parsed(&base, &file).unwrap_err().to_string();
+        assert!(err.contains("noRecording"), "{err}");
+        std::fs::write(&file, "proxyPort: [1, 2]\n").unwrap();
+        let err = parsed(&base, &file).unwrap_err().to_string();
+        assert!(err.contains("proxyPort: takes one value"), "{err}");
+        std::fs::write(&file, "config: other.yaml\n").unwrap();
+        assert!(
+            parsed(&base, &file).is_err(),
+            "a config file cannot name another"
+        );
+        // Other commands are left alone.
+        let argv: Vec<std::ffi::OsString> = ["gateway-agent", "doctor"]
+            .iter()
+            .map(|a| a.into())
+            .collect();
+        assert_eq!(
+            with_config_file(argv.clone(), Some(file.as_os_str().into())).unwrap(),
+            argv
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
