@@ -366,8 +366,22 @@ pub fn with_config_file(
         run: RunArgs,
     }
 
-    // The subcommand is the first `run` (no global option takes `run` as its value).
-    let Some(at) = argv.iter().skip(1).position(|a| a == "run").map(|i| i + 1) else {
+    // The subcommand: the first word that is not an option (`--log-format` is the one
+    // global option with a separate value).
+    let mut at = None;
+    let mut i = 1;
+    while let Some(word) = argv.get(i) {
+        if word == "--log-format" {
+            i += 2;
+            continue;
+        }
+        if !word.to_string_lossy().starts_with('-') {
+            at = (word == "run").then_some(i);
+            break;
+        }
+        i += 1;
+    }
+    let Some(at) = at else {
         return Ok(argv);
     };
     let after = &argv[at + 1..];
