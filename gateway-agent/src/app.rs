@@ -463,21 +463,34 @@ async fn start_trust(
 
     // The API server's addresses as pods dial them (ClusterIP, endpoints), and the
     // node's, where the REST API and the webhook are reached by address.
-    let mut addresses = api_server_addresses(client).await;
-    addresses.extend(config.proxy_addresses.iter().copied());
-    let sans = serving::serving_sans(
-        &injected.cluster_domain,
-        &addresses,
-        (
-            &injected.webhook_service_namespace,
-            &injected.webhook_service_name,
-        ),
-        &injected.serving_sans,
-    );
+    let make_sans = {
+        let node_addresses = config.proxy_addresses.clone();
+        let injected = injected.clone();
+        move |api_server: &[IpAddr]| {
+            let mut addresses = api_server.to_vec();
+            addresses.extend(node_addresses.iter().copied());
+            serving::serving_sans(
+                &injected.cluster_domain,
+                &addresses,
+                (
+                    &injected.webhook_service_namespace,
+                    &injected.webhook_service_name,
+                ),
+                &injected.serving_sans,
+            )
+        }
+    };
+    let sans = make_sans(&api_server_addresses(client).await);
     let material = trust.borrow().clone();
     let cert = serving::ServingCert::new(&material, sans, injected.lifetimes.serving_validity)
         .map_err(|e| AppError::Trust(e.to_string()))?;
     tokio::spawn(cert.clone().keep_current(trust.clone()));
+    tokio::spawn(follow_api_server_addresses(
+        client.clone(),
+        cert.clone(),
+        trust.clone(),
+        make_sans,
+    ));
 
     // The pods' side: a bundle (the cluster CA and Tollgate's) in every enforced
     // namespace, the webhook's caBundle, and the webhook that points pods at the bundle.
@@ -552,6 +565,61 @@ async fn export_expiries(
     }
 }
 
+/// Re-issues the serving certificate when the `kubernetes` Service's addresses change
+/// (a control-plane upgrade that moves the endpoints), from watches of the Service and
+/// its EndpointSlices.
+async fn follow_api_server_addresses(
+    client: kube::Client,
+    cert: Arc<crate::trust::serving::ServingCert>,
+    trust: crate::trust::TrustWatch,
+    make_sans: impl Fn(&[IpAddr]) -> Vec<String>,
+) {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let service_events = reflector(
+        services_writer,
+        watcher(
+            kube::Api::<Service>::namespaced(client.clone(), "default"),
+            watcher::Config::default().fields("metadata.name=kubernetes"),
+        ),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let slice_events = reflector(
+        slices_writer,
+        watcher(
+            kube::Api::<EndpointSlice>::namespaced(client, "default"),
+            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+        ),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let mut events = std::pin::pin!(futures_util::stream::select(service_events, slice_events));
+    while events.next().await.is_some() {
+        let service = services.state().into_iter().next();
+        let slices = slices.state();
+        if service.is_none() || slices.is_empty() {
+            // Still listing (or no such Service): keep what was read at start.
+            continue;
+        }
+        let ips = api_server_ips(service.as_deref(), slices.iter().map(|s| s.as_ref()));
+        let material = trust.borrow().clone();
+        match cert.set_sans(&material, make_sans(&ips)) {
+            Ok(true) => {
+                info!(sans = ?cert.sans(), "the API server's addresses changed; serving certificate re-issued")
+            }
+            Ok(false) => {}
+            Err(err) => {
+                warn!(%err, "could not re-issue the serving certificate for the API server's new addresses")
+            }
+        }
+    }
+}
+
 /// The `kubernetes` Service's ClusterIPs and endpoint addresses, for the serving
 /// certificate; empty (logged) when they cannot be read.
 async fn api_server_addresses(client: &kube::Client) -> Vec<IpAddr> {
@@ -570,7 +638,15 @@ async fn api_server_addresses(client: &kube::Client) -> Vec<IpAddr> {
             return Vec::new();
         }
     };
-    let mut ips: Vec<IpAddr> = discovery::api_server_targets(service.as_ref(), slices.iter())
+    api_server_ips(service.as_ref(), slices.iter())
+}
+
+/// The addresses among the API server's targets (ClusterIPs, endpoints), once each.
+fn api_server_ips<'a>(
+    service: Option<&k8s_openapi::api::core::v1::Service>,
+    slices: impl Iterator<Item = &'a k8s_openapi::api::discovery::v1::EndpointSlice>,
+) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = discovery::api_server_targets(service, slices)
         .into_iter()
         .map(|target| target.ip())
         .collect();

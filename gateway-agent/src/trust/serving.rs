@@ -25,12 +25,13 @@ pub enum ServingError {
 /// The certificate every TLS listener of the agent presents in `injected-ca` mode.
 pub struct ServingCert {
     current: RwLock<Current>,
-    sans: Vec<String>,
     validity: Duration,
 }
 
 struct Current {
     key: Arc<CertifiedKey>,
+    /// The names and addresses it was issued for.
+    sans: Vec<String>,
     /// The PEM of the CA that signed it, to notice a change of signer.
     signer: String,
     not_after: OffsetDateTime,
@@ -39,7 +40,7 @@ struct Current {
 impl std::fmt::Debug for ServingCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServingCert")
-            .field("sans", &self.sans)
+            .field("sans", &self.sans())
             .finish_non_exhaustive()
     }
 }
@@ -66,22 +67,22 @@ impl ServingCert {
         sans: Vec<String>,
         validity: Duration,
     ) -> Result<Arc<ServingCert>, ServingError> {
-        let current = Self::issue(material, &sans, validity)?;
+        let current = Self::issue(material, sans, validity)?;
         Ok(Arc::new(ServingCert {
             current: RwLock::new(current),
-            sans,
             validity,
         }))
     }
 
     fn issue(
         material: &TrustMaterial,
-        sans: &[String],
+        sans: Vec<String>,
         validity: Duration,
     ) -> Result<Current, ServingError> {
-        let leaf = ca::issue_leaf(&material.signing, sans, validity)?;
+        let leaf = ca::issue_leaf(&material.signing, &sans, validity)?;
         Ok(Current {
             key: certified_key(&leaf)?,
+            sans,
             signer: material.signing.cert_pem.clone(),
             not_after: leaf.not_after,
         })
@@ -96,8 +97,27 @@ impl ServingCert {
     }
 
     /// The names and addresses in the certificate.
-    pub fn sans(&self) -> &[String] {
-        &self.sans
+    pub fn sans(&self) -> Vec<String> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sans
+            .clone()
+    }
+
+    /// Re-issues for `sans` when they differ from the certificate's (the API server's
+    /// addresses changed); true when it did.
+    pub fn set_sans(
+        &self,
+        material: &TrustMaterial,
+        sans: Vec<String>,
+    ) -> Result<bool, ServingError> {
+        if self.sans() == sans {
+            return Ok(false);
+        }
+        let next = Self::issue(material, sans, self.validity)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(true)
     }
 
     /// Re-issues when the signing CA changed or a third of the lifetime is left.
@@ -112,7 +132,7 @@ impl ServingCert {
         if !signer_changed && OffsetDateTime::now_utc() < renew_at {
             return Ok(false);
         }
-        let next = Self::issue(material, &self.sans, self.validity)?;
+        let next = Self::issue(material, self.sans(), self.validity)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(true)
     }
@@ -219,6 +239,27 @@ mod tests {
         let second = generate_ca(10 * day).unwrap();
         assert!(cert.refresh(&material(&second)).unwrap());
         assert_ne!(served(&cert), before);
+    }
+
+    #[test]
+    fn new_addresses_mean_a_new_certificate_and_the_same_ones_do_not() {
+        let day = Duration::from_secs(86_400);
+        let ca = generate_ca(10 * day).unwrap();
+        let m = material(&ca);
+        let cert = ServingCert::new(&m, vec!["kubernetes".into(), "10.0.0.1".into()], day).unwrap();
+        let before = served(&cert);
+        assert!(!cert
+            .set_sans(&m, vec!["kubernetes".into(), "10.0.0.1".into()])
+            .unwrap());
+        assert_eq!(served(&cert), before);
+        assert!(cert
+            .set_sans(&m, vec!["kubernetes".into(), "10.0.0.2".into()])
+            .unwrap());
+        assert_ne!(served(&cert), before);
+        assert_eq!(
+            cert.sans(),
+            vec!["kubernetes".to_owned(), "10.0.0.2".to_owned()]
+        );
     }
 
     #[test]
