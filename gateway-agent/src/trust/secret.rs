@@ -462,6 +462,7 @@ async fn keep(
     let mut events = watcher::watcher(secret.api.clone(), config).boxed();
     loop {
         let now = OffsetDateTime::now_utc();
+        let mut failed = false;
         // Changes due now: each agent tries; the compare-and-set lets one through.
         if let Some(step) = state.due(now, &lifetimes) {
             let result = secret
@@ -478,7 +479,8 @@ async fn keep(
                     state = next;
                 }
                 Err(err) => {
-                    warn!(%err, ?step, "Tollgate CA: could not update the Secret; retrying")
+                    failed = true;
+                    warn!(%err, ?step, "Tollgate CA: could not update the Secret; retrying in 10s")
                 }
             }
         }
@@ -492,6 +494,13 @@ async fn keep(
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(60))
             .min(Duration::from_secs(60));
+        // A step that failed is still due: without a pause the loop would retry at once,
+        // for ever (RBAC refusing the update, the API server down).
+        let wait = if failed {
+            wait.max(Duration::from_secs(10))
+        } else {
+            wait
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             event = events.next() => match event {
