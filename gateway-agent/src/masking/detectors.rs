@@ -225,7 +225,10 @@ mod tests {
         let (second, n2) = d.mask_chunk(one, two).expect("the key's rest");
         assert_eq!((n1, n2), (1, 1));
         let recorded = String::from_utf8([first, second].concat()).unwrap();
-        assert_eq!(recorded, format!("$ cat key.pem\r\n{MASK_MARKER}{MASK_MARKER}\n$ "));
+        assert_eq!(
+            recorded,
+            format!("$ cat key.pem\r\n{MASK_MARKER}{MASK_MARKER}\n$ ")
+        );
         assert!(!recorded.contains("BAQEFAASC") && !recorded.contains("AoIBAQC7"));
 
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW0ifQ.c2lnbmF0dXJl";
