@@ -26,6 +26,12 @@
 //! to stdout at the end; the full report to `--out` (default `target/bench/report.json`).
 //!
 //! Usage: `tollgate-bench [--quick] [--approvals-only] [--masking-only] [--out FILE]`.
+//!
+//! For profiling the agent: `--phases get,get_32` runs only those phases (by report
+//! key) and skips the parts around the rounds (watch delivery, open watches,
+//! approvals); `--rounds N` overrides the plan's rounds; `--perf DIR` records the agent
+//! with `perf record` (DWARF call graphs) while the gateway pod runs each phase, one
+//! file per phase and round (`DIR/<phase>-r<round>.data`; `perf report -i FILE`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -225,6 +231,8 @@ fn main() -> Result<()> {
     let mut quick = false;
     let mut approvals_only = false;
     let mut masking_only = false;
+    let mut profile = Profile::default();
+    let mut rounds = None;
     let mut out = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../target/bench/report.json"
@@ -236,9 +244,26 @@ fn main() -> Result<()> {
             "--approvals-only" => approvals_only = true,
             "--masking-only" => masking_only = true,
             "--out" => out = PathBuf::from(args.next().context("--out needs a file")?),
+            "--phases" => {
+                let keys = args.next().context("--phases needs phase keys")?;
+                profile.phases = Some(keys.split(',').map(str::to_owned).collect());
+            }
+            "--rounds" => {
+                rounds = Some(
+                    args.next()
+                        .context("--rounds needs a number")?
+                        .parse::<usize>()
+                        .context("--rounds needs a number")?,
+                )
+            }
+            "--perf" => {
+                profile.perf = Some(PathBuf::from(
+                    args.next().context("--perf needs a directory")?,
+                ))
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: tollgate-bench [--quick] [--approvals-only] [--masking-only] [--out FILE]"
+                    "usage: tollgate-bench [--quick] [--approvals-only] [--masking-only] [--out FILE] [--phases KEY,..] [--rounds N] [--perf DIR]"
                 );
                 return Ok(());
             }
@@ -247,7 +272,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    if let Some(rounds) = rounds {
+        plan.rounds = rounds;
+    }
     if masking_only {
         // In process: no cluster, no root.
         let r = tollgate_tests::masking_bench::measure(plan.masking_rounds)?;
@@ -271,7 +299,66 @@ fn main() -> Result<()> {
             Ok(())
         });
     }
-    runtime.block_on(bench(plan, out))
+    runtime.block_on(bench(plan, out, profile))
+}
+
+/// A partial run for profiling (see the module documentation).
+#[derive(Default)]
+struct Profile {
+    /// Only these phases (report keys); `None`: every phase and every other part.
+    phases: Option<Vec<String>>,
+    /// Record the agent with `perf` during the gateway runs, into this directory.
+    perf: Option<PathBuf>,
+}
+
+impl Profile {
+    fn runs(&self, key: &str) -> bool {
+        self.phases
+            .as_ref()
+            .is_none_or(|keys| keys.iter().any(|k| k == key))
+    }
+
+    /// Whether the parts around the phases run (a full report).
+    fn everything(&self) -> bool {
+        self.phases.is_none()
+    }
+}
+
+/// `perf record` attached to the agent while it lives.
+struct PerfRecord(std::process::Child);
+
+impl PerfRecord {
+    fn start(pid: u32, file: &Path) -> Result<PerfRecord> {
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "--quiet",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+            ])
+            .arg("-p")
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting perf record")?;
+        // perf needs a moment to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(PerfRecord(child))
+    }
+
+    /// Stops the recording (SIGINT, as at a terminal) and waits for the file.
+    fn stop(mut self) {
+        // SAFETY: kill with a child's own pid and a valid signal.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGINT);
+        }
+        let _ = self.0.wait();
+    }
 }
 
 fn sibling(name: &str) -> Result<PathBuf> {
@@ -285,7 +372,7 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
+async fn bench(plan: Plan, out: PathBuf, profile: Profile) -> Result<()> {
     let run_started = Instant::now();
     let load = sibling("tg-load")?;
     let agent_bin = sibling("tg-agent")?;
@@ -299,8 +386,12 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         plan.name, plan.rounds
     );
     // In process, before the cluster part: one thread, its own CPU time.
-    let masking = tollgate_tests::masking_bench::measure(plan.masking_rounds)
-        .unwrap_or_else(|err| json!({ "error": format!("{err:#}") }));
+    let masking = if profile.everything() {
+        tollgate_tests::masking_bench::measure(plan.masking_rounds)
+            .unwrap_or_else(|err| json!({ "error": format!("{err:#}") }))
+    } else {
+        json!({ "error": "not measured (--phases)" })
+    };
 
     let cluster = Cluster::shared();
     let mut agent = RunningAgent::start(
@@ -414,6 +505,10 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
             requests: plan.get_concurrent,
         },
     ];
+    let phases: Vec<Phase> = phases.into_iter().filter(|p| profile.runs(p.key)).collect();
+    if let Some(dir) = &profile.perf {
+        std::fs::create_dir_all(dir)?;
+    }
     // The agent's own background CPU (watches, timers, log), to read the per-request
     // figures against: it is included in them.
     let idle_before = agent_cpu_us(&agent);
@@ -491,6 +586,13 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
                 });
                 let spec_file = dir.join(format!("{}-{}-{round}.json", phase.key, path.name()));
                 std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
+                let perf = match (&profile.perf, &agent_pid) {
+                    (Some(dir), Ok(pid)) if path == Route::Gateway => Some(PerfRecord::start(
+                        *pid,
+                        &dir.join(format!("{}-r{}.data", phase.key, round + 1)),
+                    )?),
+                    _ => None,
+                };
                 let cpu_before = agent_cpu_us(&agent);
                 let outcome = run_load(
                     pod,
@@ -499,8 +601,12 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
                     Duration::from_secs(plan.phase_time_limit_s + 60),
                 )
                 .with_context(|| format!("{} through the {} path", phase.key, path.name()))?;
+                let cpu_after = agent_cpu_us(&agent);
+                if let Some(perf) = perf {
+                    perf.stop();
+                }
                 if path == Route::Gateway {
-                    if let (Some(before), Some(after)) = (cpu_before, agent_cpu_us(&agent)) {
+                    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
                         let cpu = agent_cpu.entry(phase.key).or_insert((0, 0));
                         cpu.0 += after.saturating_sub(before);
                         cpu.1 +=
@@ -539,7 +645,9 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
             );
             break 'rounds;
         }
-        watch.round(&env, round, &mut samples).await;
+        if profile.everything() {
+            watch.round(&env, round, &mut samples).await;
+        }
         rounds_done += 1;
         println!(
             "round {}/{} done ({:.0}s)",
@@ -565,7 +673,11 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         &programs_after_phases,
     );
     drop(kernel_stats);
-    let many = many_watches(&env, &agent, agent_pid.as_ref().ok().copied()).await;
+    let many = if profile.everything() {
+        many_watches(&env, &agent, agent_pid.as_ref().ok().copied()).await
+    } else {
+        json!({ "error": "not measured (--phases)" })
+    };
     let agent_log_bytes =
         std::fs::metadata(&agent.log).map(|m| m.len()).unwrap_or(0) - agent_log_before;
 
@@ -622,7 +734,11 @@ async fn bench(plan: Plan, out: PathBuf) -> Result<()> {
         plan.approval_rounds
     );
     report["masking_throughput"] = masking;
-    report["approval_release"] = approval_release(cluster, &agent_bin, plan.approval_rounds).await;
+    report["approval_release"] = if profile.everything() {
+        approval_release(cluster, &agent_bin, plan.approval_rounds).await
+    } else {
+        json!({ "error": "not measured (--phases)" })
+    };
     finish(&mut report, &plan, run_started.elapsed().as_secs_f64());
     print_table(&report);
     if let Some(parent) = out.parent() {
