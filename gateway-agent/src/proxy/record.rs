@@ -233,16 +233,26 @@ fn masked(body: RecordedBody, masker: &Masker, kind: Option<&str>) -> RecordedBo
 
 /// A Status answer's message, for `responseStatus.message`.
 fn status_message(body: &RecordedBody) -> Option<String> {
+    let parsed: Value;
     let value = match body {
-        RecordedBody::Json(v) => v.clone(),
-        RecordedBody::JsonText(bytes) if bytes.len() < 64 * 1024 => {
-            serde_json::from_slice(bytes).ok()?
+        RecordedBody::Json(v) => v,
+        // Most answers are objects and lists, not Statuses: they are not parsed again
+        // here (that was a second parse of every answer, on the request's task).
+        RecordedBody::JsonText(bytes) if bytes.len() < 64 * 1024 && may_be_status(bytes) => {
+            parsed = serde_json::from_slice(bytes).ok()?;
+            &parsed
         }
         _ => return None,
     };
     (value["kind"] == "Status")
         .then(|| value["message"].as_str().map(str::to_owned))
         .flatten()
+}
+
+/// Whether JSON text can hold `"kind": "Status"`: it has the word, or a `\u` escape
+/// that could spell it.
+fn may_be_status(text: &[u8]) -> bool {
+    text.windows(6).any(|w| w == b"Status") || text.windows(2).any(|w| w == b"\\u")
 }
 
 fn non_empty(text: &str) -> Option<String> {
@@ -303,5 +313,27 @@ impl Drop for RecordingBody {
             let complete = self.inner.is_end_stream();
             pending.finish(complete);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(json: &'static str) -> RecordedBody {
+        RecordedBody::JsonText(Bytes::from_static(json.as_bytes()))
+    }
+
+    #[test]
+    fn status_messages_come_from_statuses_only() {
+        let status = text(r#"{"kind":"Status","status":"Failure","message":"gone"}"#);
+        assert_eq!(status_message(&status).as_deref(), Some("gone"));
+        // Spelt with an escape, it is still a Status.
+        let escaped = text(r#"{"kind":"\u0053tatus","message":"gone"}"#);
+        assert_eq!(status_message(&escaped).as_deref(), Some("gone"));
+        let object = text(r#"{"kind":"ConfigMap","data":{"message":"not a Status"}}"#);
+        assert_eq!(status_message(&object), None);
+        let held = RecordedBody::Json(serde_json::json!({"kind": "Status", "message": "m"}));
+        assert_eq!(status_message(&held).as_deref(), Some("m"));
     }
 }
