@@ -17,7 +17,10 @@
 //!   row is one bounded value. Members after the array are written as they come. Any
 //!   other document (a single object, or a list whose `kind` comes late) is collected
 //!   member by member, masked whole, then written: it is one object, so the bound
-//!   holds.
+//!   holds. A single object (its `kind`, written first, is not a list's or a Table's)
+//!   whose text is all buffered within [`WHOLE_OBJECT_BYTES`] is parsed in one go
+//!   instead, and written byte for byte when nothing in it was masked: the common `get`
+//!   of a small object costs one parse and no serialisation.
 //!
 //! The bound enforced: no single value (event, list item, row, or the sum of a
 //! collected document's members) may exceed [`Masker::max_object_bytes`]; beyond it the
@@ -55,6 +58,10 @@ impl std::ops::Deref for MaskerRef<'_> {
         }
     }
 }
+
+/// A single object up to this size is framed and parsed whole (see the module
+/// documentation); a larger one is read member by member.
+pub const WHOLE_OBJECT_BYTES: usize = 64 * 1024;
 
 /// What kind of body is being masked; the proxy knows from the request (`watch=true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +162,8 @@ impl Framer {
 enum State {
     /// Before the document.
     Start,
+    /// At the top-level `{`, framing the object whole (see [`WHOLE_OBJECT_BYTES`]).
+    Object,
     /// The document is not an object: framed whole.
     Whole,
     /// After the top-level `{`: a key or `}`.
@@ -329,10 +338,19 @@ impl<'m> StreamMasker<'m> {
                 return Ok(());
             };
             self.state = match state {
-                State::Start if b == b'{' => {
-                    self.pos += 1;
-                    State::FirstKey
-                }
+                State::Start if b == b'{' => State::Object,
+                State::Object => match self.whole_object(out, eof)? {
+                    None => {
+                        self.state = State::Object;
+                        return Ok(());
+                    }
+                    Some(true) => State::End,
+                    Some(false) => {
+                        // Read member by member from the `{`.
+                        self.pos += 1;
+                        State::FirstKey
+                    }
+                },
                 State::Start => State::Whole,
                 State::Whole => match self.frame(eof)? {
                     None => {
@@ -462,6 +480,46 @@ impl<'m> StreamMasker<'m> {
         }
     }
 
+    /// At the top-level `{`: when the document opens as a single object (see
+    /// [`Opening`]) and its text is at most [`WHOLE_OBJECT_BYTES`], frames, masks and
+    /// writes it whole (`Some(true)`). `None`: more data is needed; `Some(false)`: it is
+    /// read member by member (a list or a Table, its `kind` not first, or too large).
+    fn whole_object(&mut self, out: &mut Vec<u8>, eof: bool) -> Result<Option<bool>, MaskError> {
+        match opening(&self.buf[self.pos..]) {
+            Opening::Single => {}
+            Opening::Incomplete if !eof => return Ok(None),
+            Opening::Incomplete | Opening::Other => return Ok(Some(false)),
+        }
+        let limit = WHOLE_OBJECT_BYTES.min(self.masker.max_object_bytes());
+        let len = match self.framer.scan(&self.buf[self.pos..], eof) {
+            Some(len) => len,
+            None if !eof && self.buf.len() - self.pos <= limit => return Ok(None),
+            None => {
+                self.framer = Framer::default();
+                return Ok(Some(false));
+            }
+        };
+        if len > limit {
+            return Ok(Some(false));
+        }
+        let range = self.pos..self.pos + len;
+        self.pos += len;
+        let mut doc = self.parse(range.clone())?;
+        let before = self.stats.masked();
+        self.masker.mask_document(
+            &mut doc,
+            self.hint.as_deref(),
+            &mut self.columns,
+            &mut self.stats,
+        )?;
+        if self.stats.masked() == before {
+            out.extend_from_slice(&self.buf[range]);
+        } else {
+            write_json(out, &doc)?;
+        }
+        Ok(Some(true))
+    }
+
     /// Whether the array in member `key` is streamed: the `items` of a list or the
     /// `rows` of a Table, once the document's kind is known.
     fn start_streaming(&mut self, key: &str) -> bool {
@@ -555,6 +613,49 @@ impl<'m> StreamMasker<'m> {
             &mut self.stats,
         )?;
         write_json(out, &doc)
+    }
+}
+
+/// What the start of a document says about it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// `{"kind":"…"` with a kind that is neither a list's nor a Table's: a single
+    /// object, as the API server writes every object (`{"kind":"ConfigMap",...`).
+    Single,
+    /// Anything else: read member by member (a list's items streamed).
+    Other,
+    /// Too little of it is here yet to tell.
+    Incomplete,
+}
+
+/// The longest kind looked for at the start of a document.
+const MAX_KIND_BYTES: usize = 256;
+
+pub(crate) fn opening(text: &[u8]) -> Opening {
+    const PREFIX: &[u8] = br#"{"kind":""#;
+    let seen = text.len().min(PREFIX.len());
+    if text[..seen] != PREFIX[..seen] {
+        return Opening::Other;
+    }
+    let Some(rest) = text.get(PREFIX.len()..) else {
+        return Opening::Incomplete;
+    };
+    match rest
+        .iter()
+        .take(MAX_KIND_BYTES)
+        .position(|&b| b == b'"' || b == b'\\')
+    {
+        None if rest.len() < MAX_KIND_BYTES => Opening::Incomplete,
+        Some(end) if rest[end] == b'"' && end > 0 => {
+            let kind = &rest[..end];
+            if kind.ends_with(b"List") || kind == b"Table" {
+                Opening::Other
+            } else {
+                Opening::Single
+            }
+        }
+        // No kind, a kind with an escape, or a very long one.
+        _ => Opening::Other,
     }
 }
 

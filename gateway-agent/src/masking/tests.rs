@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::stream::Opening;
 use super::*;
 
 const JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJpc3MiOiJrdWJlcm5ldGVzIn0.c2lnbmF0dXJl";
@@ -123,6 +124,61 @@ fn configmap_not_secret_is_untouched_byte_for_byte() {
         serde_json::from_slice::<Value>(&out).unwrap(),
         serde_json::from_slice::<Value>(body).unwrap()
     );
+}
+
+#[test]
+fn a_small_single_object_is_read_whole() {
+    let m = masker();
+    // As the API server writes objects: kind first, `<` and `>` escaped.
+    let configmap = r#"{"kind":"ConfigMap","apiVersion":"v1","metadata":{"name":"x"},"data":{"b":"1","a":"\u003c2\u003e"}}"#;
+    let secret = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s"},"data":{"password":"aHVudGVyMg=="},"type":"Opaque"}"#;
+    let token = format!(r#"{{"kind":"ConfigMap","apiVersion":"v1","data":{{"t":"{JWT}"}}}}"#);
+    for (body, masked) in [(configmap, 0), (secret, 1), (token.as_str(), 1)] {
+        let (whole, stats) = m
+            .mask_body(body.as_bytes(), BodyFormat::Document, &Context::default())
+            .unwrap();
+        assert_eq!(stats.masked(), masked, "{body}");
+        if masked == 0 {
+            // Nothing masked: byte for byte (key order and escapes as they came).
+            assert_eq!(whole, body.as_bytes());
+        }
+        assert_clean(std::str::from_utf8(&whole).unwrap());
+        for size in [1, 7, 64] {
+            let mut sm = StreamMasker::new(&m, BodyFormat::Document, Context::default());
+            let mut out = Vec::new();
+            for chunk in body.as_bytes().chunks(size) {
+                sm.push(chunk, &mut out).unwrap();
+            }
+            assert_eq!(sm.finish(&mut out).unwrap(), stats);
+            assert_eq!(out, whole, "chunk size {size}");
+        }
+        // Read member by member (its kind is not first), the same values come out.
+        let value: Value = serde_json::from_str(body).unwrap();
+        let pretty = serde_json::to_vec_pretty(&value).unwrap();
+        let (members, member_stats) = m
+            .mask_body(&pretty, BodyFormat::Document, &Context::default())
+            .unwrap();
+        assert_eq!(member_stats, stats);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&members).unwrap(),
+            serde_json::from_slice::<Value>(&whole).unwrap()
+        );
+    }
+    // Lists and Tables are streamed, not read whole; a kind with an escape, or not
+    // first, is read member by member; a partial start waits for more.
+    for (text, opening) in [
+        (r#"{"kind":"Secret","data":{}}"#, Opening::Single),
+        (r#"{"kind":"SecretList","items":[]}"#, Opening::Other),
+        (r#"{"kind":"List","items":[]}"#, Opening::Other),
+        (r#"{"kind":"Table","rows":[]}"#, Opening::Other),
+        (r#"{"kind":"\u0053ecretList","items":[]}"#, Opening::Other),
+        (r#"{"apiVersion":"v1","kind":"Secret"}"#, Opening::Other),
+        (r#"{"kind":"","data":{}}"#, Opening::Other),
+        (r#"{"ki"#, Opening::Incomplete),
+        (r#"{"kind":"Secre"#, Opening::Incomplete),
+    ] {
+        assert_eq!(stream::opening(text.as_bytes()), opening, "{text}");
+    }
 }
 
 fn watch_body() -> String {
