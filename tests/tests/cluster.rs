@@ -780,16 +780,19 @@ async fn projected_service_account_volume_as_kubelet_mounts_it() -> Result<()> {
         let listed = events
             .list(&ListParams::default().fields("involvedObject.name=late-ca"))
             .await?;
-        if let Some(event) = listed
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("FailedMount"))
-        {
+        // The one about the ConfigMap: a FailedMount for the token may come first (the
+        // Node authorizer refuses a TokenRequest for a pod it has not seen yet).
+        if let Some(event) = listed.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("FailedMount")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("configmap"))
+        }) {
             break event;
         }
         ensure!(
             Instant::now() < deadline,
-            "no FailedMount event for pod late-ca after 30s"
+            "no FailedMount event about the ConfigMap for pod late-ca after 30s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
