@@ -467,16 +467,30 @@ impl<'m> StreamMasker<'m> {
                             &mut self.columns,
                             &mut self.stats,
                         )?;
-                        if self.stats.masked() == before {
-                            out.extend_from_slice(&self.buf[range]);
-                        } else {
-                            write_json(out, &event)?;
-                        }
+                        self.write_masked(out, range, &event, before)?;
                         out.push(b'\n');
                         State::Events
                     }
                 },
             };
+        }
+    }
+
+    /// Writes what was read from `range` and masked into `value`: the original bytes
+    /// when masking changed nothing since `before` (the masked count then), else the
+    /// masked value.
+    fn write_masked(
+        &self,
+        out: &mut Vec<u8>,
+        range: std::ops::Range<usize>,
+        value: &Value,
+        before: u64,
+    ) -> Result<(), MaskError> {
+        if self.stats.masked() == before {
+            out.extend_from_slice(&self.buf[range]);
+            Ok(())
+        } else {
+            write_json(out, value)
         }
     }
 
@@ -512,11 +526,7 @@ impl<'m> StreamMasker<'m> {
             &mut self.columns,
             &mut self.stats,
         )?;
-        if self.stats.masked() == before {
-            out.extend_from_slice(&self.buf[range]);
-        } else {
-            write_json(out, &doc)?;
-        }
+        self.write_masked(out, range, &doc, before)?;
         Ok(Some(true))
     }
 
@@ -588,11 +598,7 @@ impl<'m> StreamMasker<'m> {
             out.push(b',');
         }
         self.elements_written = true;
-        if self.stats.masked() == before {
-            out.extend_from_slice(&self.buf[range]);
-        } else {
-            write_json(out, &element)?;
-        }
+        self.write_masked(out, range, &element, before)?;
         Ok(())
     }
 
